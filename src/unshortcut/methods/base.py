@@ -154,6 +154,22 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
+    # Whether the method reads training attributes (the 2 x 2 protocol: methods that do
+    # are only compared where training attributes are known).
+    needs_train_attributes: ClassVar[bool] = False
+
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any], train: GroupedSplit) -> None:
+        """Raise UnshortcutError when ``hp`` makes no sense for ``train``.
+
+        A classmethod so that hyperparameter search can discard infeasible draws
+        before any run starts; ``validate`` calls it for the run's own values.
+        """
+
+    @classmethod
+    def uses_val_attributes(cls, hp: dict[str, Any]) -> bool:
+        """Whether training with ``hp`` reads validation attributes (DFR's balancing)."""
+        return False
 
     def __init__(self, ctx: TrainContext, **hp: Any) -> None:
         unknown = sorted(set(hp) - set(self.hparams))
@@ -169,6 +185,7 @@ class Method:
 
     def validate(self) -> None:
         """Refuse hyperparameters that make no sense for this training data."""
+        self.check_hparams(self.hp, self.ctx.train)
 
     def prepare(self) -> None:
         """Work before the first epoch (not called when resuming: see ``state_dict``)."""
@@ -193,6 +210,11 @@ class Method:
     def finalize(self, model: nn.Module) -> nn.Module:
         """Post-training work; returns the model to evaluate."""
         return model
+
+    def reserved_val_rows(self) -> np.ndarray:
+        """Validation rows this method trains on (DFR); the loop scores validation
+        (selection and metrics) on the other rows only. Fixed from construction on."""
+        return np.zeros(0, dtype=np.int64)
 
     def extra_modules(self) -> nn.Module | None:
         """Trainable modules besides the model (optimised and checkpointed with it)."""

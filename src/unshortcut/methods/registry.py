@@ -8,7 +8,16 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.methods.base import Method
 
 # Modules under unshortcut.methods that define registered methods.
-_METHOD_MODULES: tuple[str, ...] = ("erm",)
+_METHOD_MODULES: tuple[str, ...] = (
+    "erm",
+    "gerne",
+    "resample",
+    "reweight",
+    "groupdro",
+    "jtt",
+    "dfr",
+    "lff",
+)
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -51,3 +51,20 @@ def draw_class_conditional(
                 rows = members[y * n_attributes + a]
                 chosen.append(rows[rng.integers(len(rows), size=count)])
     return np.concatenate(chosen)
+
+
+def draw_group_uniform(
+    rng: np.random.Generator, members: list[np.ndarray], total: int
+) -> np.ndarray:
+    """Row indices of one batch of ``total`` rows spread evenly over the non-empty groups.
+
+    Group counts use systematic rounding, so every non-empty group expects exactly
+    ``total / n_present`` rows per batch; rows are drawn uniformly (with replacement)
+    inside each group. Empty groups cannot be sampled and are skipped.
+    """
+    present = np.array([len(rows) > 0 for rows in members])
+    counts = systematic_counts(rng, total, present / present.sum())
+    chosen = [
+        rows[rng.integers(len(rows), size=n)] for rows, n in zip(members, counts, strict=True) if n
+    ]
+    return np.concatenate(chosen)

@@ -1,0 +1,169 @@
+"""Training throughput: the real patch-set loader against in-memory tensors.
+
+Both variants run the same training loop (``unshortcut.train.train_epoch``) over the
+same ERM batches with the same augmentation and model; they differ only in where a
+batch comes from:
+
+- loader: ``SplitData`` over the memory-mapped pixel store (sorted fancy-index read,
+  normalisation, augmentation; optionally in the prefetch thread);
+- memory: the whole training split normalised once into a tensor; a batch is a tensor
+  index, then the same augmentation.
+
+The patch set is written directly with numpy under ``bench/work/`` (ignored by git).
+Rounds alternate the variants so that load on a shared machine hits them alike; the
+table reports the median images/s. Floor: the loader costs < 10% (ratio >= 0.90).
+Usage: ``python bench/train_throughput.py [--size 64] [--batch 64] [--n 4096] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from unshortcut.config import TrainConfig
+from unshortcut.data import Augmentation, SplitData
+from unshortcut.methods import Batch, get_method
+from unshortcut.tiling.patchset import FORMAT_NAME, FORMAT_VERSION
+from unshortcut.train import LoopContext, load_run_data, make_optimizer, train_epoch
+
+FLOOR = 0.90
+WORK = Path(__file__).resolve().parent / "work" / "train_throughput"
+
+
+def write_patch_set(path: Path, n: int, size: int, channels: int = 3) -> Path:
+    """Random uint8 patches; train = 80%, val/test 10% each, both classes and bins filled."""
+    if (path / "manifest.json").is_file() and np.load(path / "pixels.npy", mmap_mode="r").shape == (
+        n, channels, size, size
+    ):  # fmt: skip
+        return path
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True, exist_ok=True)
+    label = rng.integers(2, size=n)
+    split = np.where(np.arange(n) < 0.8 * n, "train", np.where(np.arange(n) < 0.9 * n, "val", "test"))
+    pixels = np.lib.format.open_memmap(path / "pixels.npy", "w+", np.uint8, (n, channels, size, size))
+    for start in range(0, n, 1024):
+        stop = min(start + 1024, n)
+        pixels[start:stop] = rng.integers(0, 256, (stop - start, channels, size, size), np.uint8)
+    pixels.flush()
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[label == 1, : size // 2] = 255
+    np.save(path / "masks.npy", masks)
+    pd.DataFrame(
+        {
+            "patch_id": [f"p{i}" for i in range(n)],
+            "image_id": [f"i{i % 16}" for i in range(n)],
+            "patient_id": [f"i{i % 16}" for i in range(n)],
+            "split": split,
+            "x": np.zeros(n, int),
+            "y": np.zeros(n, int),
+            "size": np.full(n, size),
+            "level": np.zeros(n, int),
+            "tumor_fraction": label * 0.5,
+            "tissue_ratio": rng.uniform(0.05, 1.0, n),
+            "label": label,
+            "synthetic": np.ones(n, bool),
+        }
+    ).to_parquet(path / "patches.parquet", index=False)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "channels": channels,
+        "parameters": {"input_size": size},
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return path
+
+
+class InMemory(SplitData):
+    """The same split with every pixel already normalised in RAM."""
+
+    def __init__(self, base: SplitData) -> None:
+        self.__dict__.update(base.__dict__)
+        every = np.arange(len(base))
+        whole = base.load(every)
+        self.x_all, self.mask_all = whole.x, whole.mask
+
+    def load(
+        self,
+        index: np.ndarray,
+        augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        with_masks: bool = True,
+    ) -> Batch:
+        t = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        x, mask = self.x_all[t], self.mask_all[t]
+        if augmentation is not None:
+            x, mask = augmentation(x, mask, generator)
+        y, attribute = self._labels[t], self._attributes[t]
+        return Batch(x, y, attribute, y * self.split.n_attributes + attribute, t, mask)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--n", type=int, default=2560)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    patches = write_patch_set(WORK / f"patches-{args.n}-{args.size}", args.n, args.size)
+    config = TrainConfig(
+        patches=patches, out=WORK / "unused", batch_size=args.batch, model=args.model
+    )
+    device = torch.device(args.device)
+    data = load_run_data(patches, device=device, splits=("train", "val"), config=config)
+    ctx = LoopContext(config, data, device)
+    method = get_method("erm")(ctx)
+    loaders = {
+        "loader (prefetch)": (data.loaders["train"], True),
+        "loader (no prefetch)": (data.loaders["train"], False),
+        "memory": (InMemory(data.loaders["train"]), False),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    images = len(ctx.train)
+    for round_ in range(args.rounds + 1):  # round 0 warms caches and kernels
+        for name, (loader, prefetch) in loaders.items():
+            model = ctx.new_model()
+            optimizer = make_optimizer(list(model.parameters()), config, 0.01, 1e-4)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_epoch(
+                model, method, loader, optimizer, epoch=round_, seed=0, stream=0,
+                augmentation=ctx.augmentation, prefetch=prefetch,
+            )  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:
+                rates[name].append(images / (time.perf_counter() - start))
+
+    memory = statistics.median(rates["memory"])
+    table = Table(
+        title=f"Training throughput: {args.model}, {args.size} px, 3 channels, batch "
+        f"{args.batch}, {images} images/epoch, {device.type}, torch threads "
+        f"{torch.get_num_threads()}, median of {args.rounds} rounds"
+    )
+    for column in ("source", "images/s", "vs memory"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        table.add_row(name, f"{rate:.0f}", f"{rate / memory:.2f}")
+    Console().print(table)
+    ratio = statistics.median(rates["loader (prefetch)"]) / memory
+    verdict = "ok" if ratio >= FLOOR else "BELOW FLOOR"
+    print(f"loader/memory = {ratio:.3f} (floor {FLOOR}: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Batches from a patch set: lazy reads, train-split normalisation, batch-wise augmentation.
+
+The pixel store is a memory-mapped ``(N, C, S, S)`` array, so a batch is one fancy
+index with *sorted* row positions (sequential reads; the OS page cache does the rest)
+followed by a reorder to the requested order. There is no per-sample ``Dataset``
+indirection: the method hands the loop whole index arrays, and everything after the
+read (normalisation, flips, rotations, intensity jitter) is done on the batch tensor.
+
+Determinism and DDP: batch index lists come from the method and depend only on
+``(seed, epoch)``; augmentation draws from a ``torch.Generator`` seeded from the same
+pair. Under ``torch.distributed`` every rank draws the same index lists and keeps its
+own slice of each batch (:func:`shard_for_rank`), so all ranks take the same number
+of steps and together see exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from unshortcut.methods.base import Batch, GroupedSplit
+
+# Rows per chunk when streaming statistics or predictions over a split.
+CHUNK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel ``(x - mean) / std`` in the pixel store's units.
+
+    Computed on the training split only (never val/test) and stored in the run, so a
+    run scores any other patch set with the statistics it was trained with.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def identity(cls, channels: int) -> Normalization:
+        return cls((0.0,) * channels, (1.0,) * channels)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalization:
+        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
+
+def channel_stats(pixels: np.ndarray, rows: np.ndarray, chunk: int = CHUNK_ROWS) -> Normalization:
+    """Mean and standard deviation per channel over ``pixels[rows]``, streamed in chunks.
+
+    Sums are accumulated in float64 around a per-channel shift (the first chunk's mean)
+    so that 16-bit and float data keep their precision. A constant channel gets std 1.
+    """
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if len(rows) == 0:
+        raise ValueError("channel_stats needs at least one row")
+    channels = pixels.shape[1]
+    shift = np.zeros(channels)
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    count = 0
+    for start in range(0, len(rows), chunk):
+        block = np.asarray(pixels[rows[start : start + chunk]], dtype=np.float64)
+        if start == 0:
+            shift = block.mean(axis=(0, 2, 3))
+        block = block - shift[None, :, None, None]
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += np.square(block).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-12 * np.maximum(np.abs(mean + shift), 1.0), std, 1.0)
+    return Normalization(tuple((mean + shift).tolist()), tuple(std.tolist()))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Microscopy-safe augmentation: orientation has no meaning, stain strength varies.
+
+    Each patch independently gets a random horizontal flip, a random multiple of 90
+    degrees rotation (together: all 8 symmetries of the square, no interpolation) and
+    a per-channel intensity ``x * scale + shift`` with ``scale ~ U(1 - s, 1 + s)`` and
+    ``shift ~ U(-t, t)`` in normalised units. Spatial transforms are applied to the
+    tumor masks too, so masks stay aligned with their patches.
+    """
+
+    flips: bool = True
+    rotations: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+
+    def __call__(
+        self, x: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n, c = x.shape[:2]
+        # Draw every random number up front in a fixed order: the result depends only
+        # on the generator's state, whichever options are on.
+        flip = torch.rand(n, generator=generator) < 0.5
+        turns = torch.randint(0, 4, (n,), generator=generator)
+        scale = 1 + self.intensity_scale * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
+        shift = self.intensity_shift * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
+        if self.flips:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if mask is not None:
+                mask = torch.where(flip[:, None, None], mask.flip(-1), mask)
+        if self.rotations:
+            x, mask = x.clone(), None if mask is None else mask.clone()
+            for k in range(1, 4):
+                chosen = turns == k
+                if chosen.any():
+                    x[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+                    if mask is not None:
+                        mask[chosen] = torch.rot90(mask[chosen], k, dims=(-2, -1))
+        if self.intensity_scale or self.intensity_shift:
+            x = x * scale.to(x.dtype) + shift.to(x.dtype)
+        return x, mask
+
+
+def augmentation_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, epoch, stream)``."""
+    value = np.random.default_rng([seed, epoch, stream, 0xA06]).integers(2**62)
+    return torch.Generator().manual_seed(int(value))
+
+
+def shard_for_rank(index: np.ndarray) -> np.ndarray:
+    """This rank's slice of a batch under ``torch.distributed``; the whole batch otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return index[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
+    return index
+
+
+class SplitData:
+    """One split of a patch set as batches of normalised tensors.
+
+    ``rows`` are the split's pixel-store positions; ``split`` holds its labels,
+    attribute bins and groups in the same order, so ``Batch.index`` are row numbers of
+    this split (what methods index their ``GroupedSplit`` arrays with).
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        masks: np.ndarray | None,
+        rows: np.ndarray,
+        split: GroupedSplit,
+        normalization: Normalization,
+        device: torch.device,
+    ) -> None:
+        if len(rows) != len(split):
+            raise ValueError(f"{len(rows)} pixel rows for a split of {len(split)} patches")
+        self.pixels = pixels
+        self.masks = masks
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.split = split
+        self.device = device
+        self._mean = torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._labels = torch.from_numpy(split.labels.astype(np.int64))
+        self._attributes = torch.from_numpy(split.attributes.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, store: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """``store[self.rows[index]]`` with one sorted (sequential) read."""
+        positions = self.rows[index]
+        order = np.argsort(positions, kind="stable")
+        block = store[positions[order]]
+        out = np.empty_like(block)
+        out[order] = block
+        return out
+
+    def load(
+        self,
+        index: np.ndarray,
+        augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        with_masks: bool = True,
+    ) -> Batch:
+        """The batch of split rows ``index`` on the CPU (augmented when given one)."""
+        index = np.asarray(index, dtype=np.int64)
+        x = torch.from_numpy(self._read(self.pixels, index).astype(np.float32, copy=False))
+        x = (x - self._mean) * self._inv_std
+        mask = None
+        if with_masks and self.masks is not None:
+            mask = torch.from_numpy(self._read(self.masks, index)).float().div_(255)
+        if augmentation is not None:
+            if generator is None:
+                raise ValueError("augmentation needs a seeded generator")
+            x, mask = augmentation(x, mask, generator)
+        t = torch.from_numpy(index)
+        attribute = self._attributes[t]
+        y = self._labels[t]
+        return Batch(
+            x=x,
+            y=y,
+            attribute=attribute,
+            group=y * self.split.n_attributes + attribute,
+            index=t,
+            mask=mask,
+        )
+
+    def to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(batch.x), move(batch.y), move(batch.attribute), move(batch.group),
+            move(batch.index), move(batch.mask),
+        )  # fmt: skip
+
+    def batches(
+        self,
+        indices: Iterable[np.ndarray],
+        augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        prefetch: bool = True,
+        with_masks: bool = True,
+    ) -> Iterator[Batch]:
+        """Batches for a sequence of index arrays, optionally read ahead by a thread.
+
+        The thread only reads and augments, in order, with the one generator, so the
+        batches are identical with and without prefetching.
+        """
+        indices = (shard_for_rank(np.asarray(i)) for i in indices)
+        loads = (self.load(i, augmentation, generator, with_masks) for i in indices)
+        source = _prefetched(loads) if prefetch else loads
+        for batch in source:
+            yield self.to_device(batch)
+
+    def sequential(self, batch_size: int, prefetch: bool = True) -> Iterator[Batch]:
+        """Every row once, in order, without augmentation or masks (for prediction)."""
+        starts = range(0, len(self), batch_size)
+        index = (np.arange(s, min(s + batch_size, len(self))) for s in starts)
+        return self.batches(index, prefetch=prefetch, with_masks=False)
+
+
+_DONE = object()
+
+
+def _prefetched(items: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """Run ``items`` in a background thread, ``depth`` items ahead; errors re-raised here."""
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(_DONE)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            buffer.put(error)
+
+    thread = threading.Thread(target=work, daemon=True, name="unshortcut-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                buffer.get(timeout=0.05)
+        thread.join()

@@ -1,0 +1,374 @@
+"""Metrics for binary tumor classification under a shortcut, with cluster-bootstrap CIs.
+
+Definitions follow ARCHITECTURE section 4 and docs/metrics.md; they must not drift.
+Patches of one image share stain, scanner, tissue and annotator, so they are not
+independent samples: the confidence intervals resample *images* with replacement
+(a cluster bootstrap) instead of patches, which would make intervals far too narrow.
+
+Every accuracy metric is a function of per-image, per-group counts of correct and
+total patches, and a bootstrap replicate is a vector of multinomial image weights.
+So the point estimate (all weights 1) and all replicates come out of one matrix
+product ``weights (B, n_images) @ counts (n_images, n_groups)``, and the two can
+never disagree. AUROC uses the same weights per patch in a sorted-rank formulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from unshortcut.errors import UnshortcutError
+from unshortcut.groups import CLASS_NAMES
+
+SELECTION_CRITERIA: tuple[str, ...] = (
+    "worst_group_accuracy",
+    "balanced_accuracy",
+    "group_balanced_accuracy",
+    "accuracy",
+    "worst_class_accuracy",
+    "loss",
+)
+CI_METRICS: tuple[str, ...] = (
+    "worst_group_accuracy",
+    "balanced_accuracy",
+    "group_balanced_accuracy",
+    "accuracy",
+    "auroc",
+    "robust_auroc",
+)
+ECE_BINS = 15
+CONFIDENCE = 0.95
+_CHUNK_ELEMENTS = 1_000_000  # replicates per chunk times patches (AUROC) or images
+
+
+def rarest_attribute_per_class(
+    labels: np.ndarray, attributes: np.ndarray, n_classes: int, n_attributes: int
+) -> list[int]:
+    """For each class, the attribute bin holding the fewest (but > 0) rows of that class.
+
+    Callers pass the training split: it defines where the shortcut points the wrong
+    way (for tumor vs tissue ratio: tumor patches with little tissue). Ties go to the
+    lower bin index.
+    """
+    counts = np.bincount(
+        np.asarray(labels) * n_attributes + np.asarray(attributes),
+        minlength=n_classes * n_attributes,
+    ).reshape(n_classes, n_attributes)
+    rarest = []
+    for label, row in enumerate(counts):
+        if not row.any():
+            raise ValueError(f"rarest_attribute_per_class: no rows of class {label}")
+        rarest.append(int(np.argmin(np.where(row > 0, row, np.iinfo(np.int64).max))))
+    return rarest
+
+
+def evaluate_predictions(
+    *,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    attributes: np.ndarray,
+    image_ids: np.ndarray,
+    group_names: Sequence[str],
+    n_attributes: int,
+    rare_attribute_by_class: Sequence[int],
+    threshold: float = 0.5,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    min_group_size: int = 30,
+) -> dict[str, Any]:
+    """All metrics of one split as a JSON-ready dict (floats, ``None`` where undefined).
+
+    ``labels`` are 0/1, ``scores`` the tumor probability, prediction ``score >= threshold``.
+    ``group_names`` follow ``group = label * n_attributes + attribute``.
+    ``rare_attribute_by_class`` comes from :func:`rarest_attribute_per_class` on the
+    training split. Intervals are 95% percentile intervals of ``n_bootstrap``
+    image-level resamples drawn from ``seed``.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    attributes = np.asarray(attributes).astype(np.int64)
+    n_classes, n_groups = len(CLASS_NAMES), len(group_names)
+    _check_inputs(
+        labels, scores, attributes, image_ids, n_groups, n_attributes, rare_attribute_by_class
+    )
+    groups = labels * n_attributes + attributes
+    images, image_index = np.unique(np.asarray(image_ids), return_inverse=True)
+    n_images = len(images)
+    correct = (scores >= threshold) == (labels == 1)
+
+    cell = image_index * n_groups + groups
+    group_total = np.bincount(cell, minlength=n_images * n_groups).reshape(n_images, n_groups)
+    group_correct = np.bincount(cell, weights=correct, minlength=n_images * n_groups).reshape(
+        n_images, n_groups
+    )
+    positive = labels == 1
+    rare = np.asarray(rare_attribute_by_class)
+    robust = attributes == rare[labels]
+
+    auroc = _WeightedAuroc(scores, positive, image_index)
+    robust_auroc = _WeightedAuroc(scores[robust], positive[robust], image_index[robust])
+
+    def family(weights: np.ndarray) -> dict[str, np.ndarray]:
+        values = _accuracy_family(weights @ group_correct, weights @ group_total, n_classes)
+        values["auroc"] = auroc(weights)
+        values["robust_auroc"] = robust_auroc(weights)
+        return values
+
+    point = {name: _scalar(v[0]) for name, v in family(np.ones((1, n_images))).items()}
+    n_per_group = group_total.sum(axis=0)
+    result: dict[str, Any] = {"n": len(labels), "n_images": n_images}
+    result["threshold"] = float(threshold)
+    result |= {name: point[name] for name in (*CI_METRICS, "worst_class_accuracy")}
+    result |= _worst_group_auroc(scores, groups, group_names, n_attributes)
+    result["ece"] = _ece(scores, labels)
+    result["groups"] = {
+        name: {
+            "n": int(n_per_group[g]),
+            "n_images": int((group_total[:, g] > 0).sum()),
+            "accuracy": _scalar(group_correct[:, g].sum() / n_per_group[g])
+            if n_per_group[g]
+            else None,
+            "ece": _ece(scores[groups == g], labels[groups == g]),
+        }
+        for g, name in enumerate(group_names)
+    }
+    warnings = _sample_warnings(n_per_group, group_names, n_attributes, min_group_size)
+    if result["robust_auroc"] is None:
+        warnings.append(
+            "robust_auroc is undefined: no positives in their rarest attribute bin or "
+            "no negatives in theirs"
+        )
+
+    result |= {f"{name}_ci": None for name in CI_METRICS}
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        step = max(1, _CHUNK_ELEMENTS // n_images)  # bounds memory for many small images
+        chunks, replicate_totals = [], []
+        for start in range(0, n_bootstrap, step):
+            weights = _image_weights(rng, n_images, min(step, n_bootstrap - start))
+            chunks.append(family(weights))
+            replicate_totals.append(weights @ group_total)
+        replicates = {name: np.concatenate([c[name] for c in chunks]) for name in CI_METRICS}
+        for name in CI_METRICS:
+            finite = replicates[name][np.isfinite(replicates[name])]
+            if finite.size:
+                interval = np.percentile(finite, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+                result[f"{name}_ci"] = [float(v) for v in interval]
+        warnings += _bootstrap_warnings(np.concatenate(replicate_totals), group_names, n_attributes)
+        if n_images < 10:
+            warnings.append(
+                f"only {n_images} image(s): bootstrap intervals over so few images are unreliable"
+            )
+    result["bootstrap"] = {
+        "replicates": n_bootstrap,
+        "unit": "image",
+        "confidence": CONFIDENCE,
+        "seed": int(seed),
+    }
+    result["warnings"] = warnings
+    return result
+
+
+def _image_weights(rng: np.random.Generator, n_images: int, n_bootstrap: int) -> np.ndarray:
+    """How often each image is drawn, (n_bootstrap, n_images): n_images draws with replacement."""
+    draws = rng.integers(0, n_images, size=(n_bootstrap, n_images))
+    draws += np.arange(n_bootstrap)[:, None] * n_images
+    counts = np.bincount(draws.ravel(), minlength=n_bootstrap * n_images)
+    return counts.reshape(n_bootstrap, n_images).astype(np.float64)
+
+
+def _check_inputs(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    attributes: np.ndarray,
+    image_ids: np.ndarray,
+    n_groups: int,
+    n_attributes: int,
+    rare_attribute_by_class: Sequence[int],
+) -> None:
+    """Shape and range checks; violations are caller bugs except non-finite scores."""
+    n = len(labels)
+    if n == 0:
+        raise ValueError("evaluate_predictions: no rows")
+    if not len(scores) == len(attributes) == len(image_ids) == n:
+        raise ValueError("evaluate_predictions: labels, scores, attributes, image_ids differ")
+    if n_groups != len(CLASS_NAMES) * n_attributes:
+        raise ValueError(f"evaluate_predictions: {n_groups} group names for 2 x {n_attributes}")
+    if len(rare_attribute_by_class) != len(CLASS_NAMES):
+        raise ValueError("evaluate_predictions: rare_attribute_by_class needs one bin per class")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("evaluate_predictions: labels must be 0 or 1")
+    if attributes.min() < 0 or attributes.max() >= n_attributes:
+        raise ValueError(f"evaluate_predictions: attributes must lie in 0..{n_attributes - 1}")
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise UnshortcutError(f"scores: {bad} non-finite value(s) (did training diverge?)")
+
+
+def _accuracy_family(
+    group_correct: np.ndarray, group_total: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
+    """Accuracy metrics per replicate from (B, n_groups) correct/total counts.
+
+    Groups (and classes) without rows in a replicate are left out, exactly as empty
+    groups are left out of the point estimate.
+    """
+    b = len(group_total)
+    class_correct = group_correct.reshape(b, n_classes, -1).sum(axis=2)
+    class_total = group_total.reshape(b, n_classes, -1).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        group_acc = group_correct / group_total
+        recall = class_correct / class_total
+        return {
+            "accuracy": group_correct.sum(axis=1) / group_total.sum(axis=1),
+            "balanced_accuracy": np.nanmean(recall, axis=1),
+            "worst_class_accuracy": np.nanmin(recall, axis=1),
+            "group_balanced_accuracy": np.nanmean(group_acc, axis=1),
+            "worst_group_accuracy": np.nanmin(group_acc, axis=1),
+        }
+
+
+class _WeightedAuroc:
+    """AUROC per row of bootstrap weights (B, n_images); each patch carries its image's weight.
+
+    Mann-Whitney form: sum over (positive i, negative j) of w_i w_j ([s_i > s_j] +
+    [s_i = s_j] / 2), divided by (sum of positive weights)(sum of negative weights).
+    The negatives are sorted once; then the negative weight below (and tied with) each
+    positive is a cumulative sum read at fixed positions, so a replicate costs O(n)
+    and chunks of replicates run as arrays. NaN where a class has no weight.
+    """
+
+    def __init__(self, scores: np.ndarray, positive: np.ndarray, image_index: np.ndarray) -> None:
+        negative = ~positive
+        order = np.argsort(scores[negative], kind="stable")
+        neg_scores = scores[negative][order]
+        self.neg_image = image_index[negative][order]
+        self.pos_image = image_index[positive]
+        self.below = np.searchsorted(neg_scores, scores[positive], side="left")
+        self.at_or_below = np.searchsorted(neg_scores, scores[positive], side="right")
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        result = np.full(len(weights), np.nan)
+        if not (len(self.pos_image) and len(self.neg_image)):
+            return result
+        step = max(1, _CHUNK_ELEMENTS // (len(self.pos_image) + len(self.neg_image)))
+        for start in range(0, len(weights), step):
+            w = weights[start : start + step]
+            cum_neg = np.zeros((len(w), len(self.neg_image) + 1))
+            np.cumsum(w[:, self.neg_image], axis=1, out=cum_neg[:, 1:])
+            w_pos = w[:, self.pos_image]
+            halves = cum_neg[:, self.below] + cum_neg[:, self.at_or_below]
+            wins = np.einsum("ij,ij->i", w_pos, halves) / 2
+            with np.errstate(invalid="ignore", divide="ignore"):
+                result[start : start + step] = wins / (w_pos.sum(axis=1) * cum_neg[:, -1])
+        return result
+
+
+def _worst_group_auroc(
+    scores: np.ndarray, groups: np.ndarray, group_names: Sequence[str], n_attributes: int
+) -> dict[str, Any]:
+    """Minimum AUROC over pairs (tumor group, non-tumor group), both non-empty.
+
+    Each pair asks: does the model rank tumor patches of one attribute bin above
+    non-tumor patches of another? The worst pair exposes a model that separates
+    classes only through the attribute.
+    """
+    worst: tuple[float, list[str]] | None = None
+    present = set(np.unique(groups).tolist())
+    for pos_group in range(n_attributes, 2 * n_attributes):
+        for neg_group in range(n_attributes):
+            if pos_group not in present or neg_group not in present:
+                continue
+            pair = (groups == pos_group) | (groups == neg_group)
+            one_image = np.zeros(int(pair.sum()), dtype=np.int64)
+            value = _WeightedAuroc(scores[pair], groups[pair] == pos_group, one_image)(
+                np.ones((1, 1))
+            )[0]
+            if worst is None or value < worst[0]:
+                worst = (float(value), [group_names[pos_group], group_names[neg_group]])
+    if worst is None:
+        return {"worst_group_auroc": None, "worst_group_auroc_groups": None}
+    return {"worst_group_auroc": worst[0], "worst_group_auroc_groups": worst[1]}
+
+
+def _ece(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Expected calibration error of the tumor probability in 15 equal-width bins.
+
+    ECE = sum over bins of (n_bin / n) |mean label - mean score|; bin edges as in
+    ``sklearn.calibration.calibration_curve(strategy="uniform")`` (right-closed).
+    """
+    if len(scores) == 0:
+        return None
+    inner_edges = np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1]
+    bins = np.searchsorted(inner_edges, scores, side="left")
+    gap = np.bincount(bins, weights=labels - scores, minlength=ECE_BINS)
+    return float(np.abs(gap).sum() / len(scores))
+
+
+def _sample_warnings(
+    n_per_group: np.ndarray, group_names: Sequence[str], n_attributes: int, min_group_size: int
+) -> list[str]:
+    warnings = []
+    for name, n in zip(group_names, n_per_group, strict=True):
+        if n == 0:
+            warnings.append(
+                f"group {name} has no samples: it is left out of worst-group and "
+                "group-balanced accuracy"
+            )
+        elif n < min_group_size:
+            warnings.append(
+                f"group {name} has {n} samples (< {min_group_size}): its accuracy is unreliable"
+            )
+    for label, class_name in enumerate(CLASS_NAMES):
+        if not n_per_group[label * n_attributes : (label + 1) * n_attributes].any():
+            warnings.append(
+                f"class {class_name} is absent: balanced accuracy covers the other class "
+                "only and AUROC is undefined"
+            )
+    return warnings
+
+
+def _bootstrap_warnings(
+    replicate_totals: np.ndarray, group_names: Sequence[str], n_attributes: int
+) -> list[str]:
+    """Name groups and classes missing from some replicates (left out there)."""
+    present = replicate_totals.sum(axis=0) > 0
+    b = len(replicate_totals)
+    warnings = []
+    lacking_groups = (replicate_totals == 0) & present
+    for g in np.flatnonzero(lacking_groups.any(axis=0)):
+        warnings.append(
+            f"bootstrap: {int(lacking_groups[:, g].sum())} of {b} replicates lack group "
+            f"{group_names[g]} (worst-group and group-balanced accuracy there use the "
+            "groups present)"
+        )
+    class_totals = replicate_totals.reshape(b, len(CLASS_NAMES), n_attributes).sum(axis=2)
+    for label in np.flatnonzero(((class_totals == 0) & (class_totals.sum(axis=0) > 0)).any(0)):
+        warnings.append(
+            f"bootstrap: {int((class_totals[:, label] == 0).sum())} of {b} replicates lack "
+            f"class {CLASS_NAMES[label]} (balanced accuracy there covers the class present; "
+            "AUROC is undefined there and left out of its interval)"
+        )
+    return warnings
+
+
+def _scalar(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def selection_value(metrics: Mapping[str, Any], criterion: str) -> float:
+    """Model-selection score of validation ``metrics``; larger is better.
+
+    ``loss`` (added by the caller) is negated. An undefined value never wins (-inf).
+    """
+    if criterion not in SELECTION_CRITERIA:
+        raise UnshortcutError(
+            f"--select: unknown criterion {criterion!r} (known: {', '.join(SELECTION_CRITERIA)})"
+        )
+    value = metrics[criterion]
+    if value is None or not math.isfinite(value):
+        return -math.inf
+    return -float(value) if criterion == "loss" else float(value)

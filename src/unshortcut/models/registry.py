@@ -1,0 +1,70 @@
+"""Model registry: ``build_model(name, ...)`` for every backbone family.
+
+Backbone builders return ``(module, feature_dim)``; the registry wraps them in a
+:class:`Classifier` with our own linear head, so the head is the same object type
+for every architecture (MONAI's and timm's own classifier layers are dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from unshortcut.errors import UnshortcutError
+
+BackboneBuilder = Callable[[int, int, bool], tuple[nn.Module, int]]
+"""(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D)."""
+
+
+class Classifier(nn.Module):
+    """``forward(x) = head(features(x))`` with ``features(x) -> (B, D)``."""
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_features = n_features
+        self.head = nn.Linear(n_features, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _builders() -> dict[str, BackboneBuilder]:
+    # Imported lazily so that `import unshortcut.models` does not import MONAI.
+    from unshortcut.models import monai_nets, small_cnn
+
+    return {"small_cnn": small_cnn.build, **monai_nets.BUILDERS}
+
+
+def model_names() -> list[str]:
+    """Built-in model names; any ``timm:<name>`` works too when timm is installed."""
+    return sorted(_builders())
+
+
+def build_model(
+    name: str, in_channels: int, n_classes: int, input_size: int, *, pretrained: bool = False
+) -> Classifier:
+    """A freshly initialised classifier (initialisation uses torch's global RNG)."""
+    if in_channels < 1 or n_classes < 2 or input_size < 1:
+        raise UnshortcutError(
+            f"model {name!r}: needs in_channels >= 1, n_classes >= 2 and input_size >= 1 "
+            f"(got {in_channels}, {n_classes}, {input_size})"
+        )
+    if name.startswith("timm:"):
+        from unshortcut.models import timm_nets
+
+        backbone, dim = timm_nets.build(name.removeprefix("timm:"), in_channels, pretrained)
+    else:
+        builders = _builders()
+        if name not in builders:
+            known = ", ".join(sorted(builders))
+            raise UnshortcutError(f"--model: unknown model {name!r} (known: {known}, timm:<name>)")
+        if pretrained and name == "small_cnn":
+            raise UnshortcutError("--model small_cnn: has no pretrained weights")
+        backbone, dim = builders[name](in_channels, input_size, pretrained)
+    return Classifier(backbone, dim, n_classes)

@@ -1,0 +1,1 @@
+"""From whole images to patches: tissue detection, the patch grid, per-patch labels."""

@@ -1,0 +1,461 @@
+"""Images + tumor masks -> a labelled patch set (the library side of ``unshortcut patchify``).
+
+Order of work, chosen so that a user's mistake costs nothing and a crash leaves nothing:
+every image and mask is opened and checked first (sizes, masks present, patch fits);
+then each image is tiled in one decode pass (see :mod:`unshortcut.tiling.bands`),
+tissue is measured for every grid position, glass-only patches are dropped and the
+kept ones are appended to the final pixel store; splits are drawn last, when the
+labels of all patches are known. All files are written inside an atomic directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from unshortcut import __version__
+from unshortcut.atomic import atomic_directory
+from unshortcut.errors import UnshortcutError
+from unshortcut.tiling.bands import tile_image
+from unshortcut.tiling.grid import Grid, labels_from_fractions, make_grid, thumbnail_factor
+from unshortcut.tiling.patchset import (
+    CLASS_NAMES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MASKS_FILE,
+    PIXELS_FILE,
+    SPLITS,
+    TABLE_FILE,
+    NpyAppender,
+    count_table,
+    write_manifest,
+    write_table,
+)
+from unshortcut.tiling.splits import SPLIT_UNITS, draw_splits, split_warnings, unit_keys
+
+if TYPE_CHECKING:
+    from unshortcut.tiling.tissue import TissueMask
+
+DEFAULT_MIN_TISSUE = 0.05
+#: A pyramid level at most this long a side is used for tissue detection as it is.
+PYRAMID_THUMBNAIL_SIDE = 4096
+# Patches are compacted from the temporary store this many at a time.
+_COMPACT_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class PatchifyConfig:
+    """Every parameter of a patchify run; stored verbatim in the manifest."""
+
+    patch_size: int = 256
+    input_size: int = 64
+    stride: int | None = None
+    level: int = 0
+    min_tissue: float = DEFAULT_MIN_TISSUE
+    min_tumor_fraction: float | None = None
+    tissue_method: str = "otsu"
+    tissue_threshold: float | None = None
+    min_object_size: float = 64.0
+    split_unit: str = "patient"
+    region_size: int | None = None
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+
+    @property
+    def resolved_stride(self) -> int:
+        return self.stride or self.patch_size
+
+    def validate(self) -> None:
+        if self.patch_size < 1 or self.input_size < 1 or self.resolved_stride < 1:
+            raise UnshortcutError("--patch-size/--input-size/--stride: must be positive")
+        if self.input_size > self.patch_size:
+            raise UnshortcutError(
+                f"--input-size: {self.input_size} is larger than --patch-size {self.patch_size}"
+                " (patches are only ever shrunk)"
+            )
+        if self.level < 0:
+            raise UnshortcutError("--level: must be 0 or a positive pyramid level")
+        if not 0 <= self.min_tissue <= 1:
+            raise UnshortcutError("--min-tissue: must lie in [0, 1]")
+        if self.min_tumor_fraction is not None and not 0 < self.min_tumor_fraction <= 1:
+            raise UnshortcutError("--min-tumor-fraction: must lie in (0, 1]")
+        if self.tissue_method not in ("otsu", "threshold"):
+            raise UnshortcutError(
+                f"--tissue-method: unknown method {self.tissue_method!r} (use otsu or threshold)"
+            )
+        if self.tissue_method == "threshold" and not 0 <= (self.tissue_threshold or -1) <= 1:
+            raise UnshortcutError(
+                "--tissue-threshold: --tissue-method threshold needs a value in [0, 1]"
+            )
+        if self.min_object_size < 0:
+            raise UnshortcutError("--min-object-size: must be 0 or a positive pixel count")
+        if self.split_unit not in SPLIT_UNITS:
+            raise UnshortcutError(
+                f"--split-unit: unknown unit {self.split_unit!r} (use {', '.join(SPLIT_UNITS)})"
+            )
+        if self.region_size is not None and self.region_size < 1:
+            raise UnshortcutError("--region-size: must be a positive number of pixels")
+
+
+@dataclass
+class PatchifyResult:
+    """What the CLI prints: where the set went, its table and the warnings to show."""
+
+    path: Path
+    table: pd.DataFrame
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Source:
+    """One checked image: readers open, grid known, tissue mask when precomputed."""
+
+    image_id: str
+    image_path: Path
+    mask_path: Path
+    tissue_path: Path | None
+    grid: Grid
+    downsample: int
+
+
+BandHook = Callable[[str, int, int, int], Callable[[], None]]
+"""Called as (image_id, images done, image count, band count) before each image; returns
+a callback run after every band (the CLI's progress bar)."""
+
+
+def patchify(
+    data_dir: Path,
+    out_dir: Path,
+    config: PatchifyConfig | None = None,
+    overwrite: bool = False,
+    on_image: BandHook | None = None,
+) -> PatchifyResult:
+    """Tile every image of ``data_dir`` into a patch set at ``out_dir``."""
+    from unshortcut.io.discover import discover_dataset
+    from unshortcut.io.metadata import read_metadata
+
+    config = config or PatchifyConfig()
+    config.validate()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    entries = discover_dataset(data_dir)
+    metadata_path = data_dir / "metadata.csv"
+    metadata = (
+        read_metadata(metadata_path, [e.image_id for e in entries])
+        if metadata_path.is_file()
+        else None
+    )
+    sources = [_check_entry(entry, config) for entry in entries]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        parts, per_image, pixel_info = _tile_all(sources, config, tmp, on_image)
+        table = _assemble_table(parts, metadata, config)
+        warnings = split_warnings(
+            table,
+            None if "split" in _columns(metadata) else config.split_fractions,
+            check_patients=config.split_unit != "region",
+        )
+        write_table(table, tmp / TABLE_FILE)
+        manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
+        write_manifest(manifest, tmp / MANIFEST_FILE)
+    return PatchifyResult(out_dir, table, manifest, warnings)
+
+
+def _check_entry(entry: Any, config: PatchifyConfig) -> _Source:
+    """Fail early on levels and patch sizes (discovery already matched masks to images)."""
+    from unshortcut.io.readers import open_image
+
+    with _opened(open_image(entry.image)) as reader:
+        if config.level >= reader.level_count:
+            raise UnshortcutError(
+                f"{entry.image}: has {reader.level_count} level(s), --level {config.level} "
+                "does not exist"
+            )
+        height, width = reader.level_shape(config.level)
+        downsample = round(reader.level_downsample(config.level))
+        grid = make_grid(height, width, config.patch_size, config.resolved_stride, str(entry.image))
+    return _Source(entry.image_id, entry.image, entry.mask, entry.tissue, grid, downsample)
+
+
+@contextmanager
+def _opened(reader: Any) -> Iterator[Any]:
+    try:
+        yield reader
+    finally:
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
+
+
+def _tile_all(
+    sources: list[_Source], config: PatchifyConfig, out: Path, on_image: BandHook | None
+) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Tile each image, keep patches with enough tissue, append them to the pixel stores."""
+    from unshortcut.io.masks import open_mask
+    from unshortcut.io.readers import open_image
+
+    work = out / ".work"
+    work.mkdir()
+    parts: list[pd.DataFrame] = []
+    per_image: dict[str, dict[str, Any]] = {}
+    pixel_info: dict[str, Any] = {}
+    with ExitStack() as stores:
+        pixels: NpyAppender | None = None
+        masks: NpyAppender | None = None
+        for done, source in enumerate(sources):
+            with (
+                _opened(open_image(source.image_path)) as reader,
+                _opened(open_mask(source.mask_path)) as mask,
+            ):
+                if pixels is None or masks is None:
+                    channels, side = int(reader.channels), config.input_size
+                    pixel_info = {"channels": channels, "dtype": str(np.dtype(reader.dtype))}
+                    pixels = NpyAppender(out / PIXELS_FILE, (channels, side, side), reader.dtype)
+                    masks = NpyAppender(out / MASKS_FILE, (side, side), np.uint8)
+                    stores.callback(pixels.close)
+                    stores.callback(masks.close)
+                _check_same_pixels(source, reader, pixel_info)
+                hook = (
+                    on_image(source.image_id, done, len(sources), source.grid.rows)
+                    if on_image
+                    else _nothing
+                )
+                frame, info = _tile_one(source, reader, mask, config, work, pixels, masks, hook)
+            parts.append(frame)
+            per_image[source.image_id] = info
+    shutil.rmtree(work)
+    return parts, per_image, pixel_info
+
+
+def _nothing() -> None:
+    """Per-band callback when nobody is watching."""
+
+
+def _check_same_pixels(source: _Source, reader: Any, pixel_info: dict[str, Any]) -> None:
+    """One pixel store holds one channel count and dtype; mixed data sets are refused."""
+    channels, dtype = int(reader.channels), str(np.dtype(reader.dtype))
+    if (channels, dtype) != (pixel_info["channels"], pixel_info["dtype"]):
+        raise UnshortcutError(
+            f"{source.image_path}: has {channels} channel(s) of {dtype}, other images have "
+            f"{pixel_info['channels']} of {pixel_info['dtype']}; patchify them separately"
+        )
+
+
+def _tile_one(
+    source: _Source,
+    reader: Any,
+    mask: Any,
+    config: PatchifyConfig,
+    work: Path,
+    pixels: NpyAppender,
+    masks: NpyAppender,
+    on_band: Callable[[], None],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One image: decode pass, tissue ratios, --min-tissue, compaction, table rows."""
+    grid, ds = source.grid, source.downsample
+    tissue, tissue_source = _precomputed_tissue(source, reader, config)
+    pixel_tmp, mask_tmp = work / "pixels.raw", work / "masks.raw"
+    with open(pixel_tmp, "wb") as pixel_out, open(mask_tmp, "wb") as mask_out:
+        tiled = tile_image(
+            reader,
+            mask,
+            grid,
+            config.level,
+            ds,
+            config.input_size,
+            pixel_out,
+            mask_out,
+            want_thumbnail=tissue is None,
+            on_band=on_band,
+        )
+    if tissue is None:
+        tissue = _detect_tissue(tiled.thumbnail, tiled.thumbnail_downsample, config)
+        tissue_source = (
+            f"detected ({config.tissue_method}) on a 1/{tiled.thumbnail_downsample} thumbnail"
+        )
+    ys, xs = (a.reshape(-1) * ds for a in np.meshgrid(grid.ys, grid.xs, indexing="ij"))
+    tissue_ratio = np.clip(np.asarray(tissue.fractions(ys, xs, grid.size * ds), float), 0, 1)
+    keep = tissue_ratio >= config.min_tissue
+    _compact(pixel_tmp, pixels, keep)
+    _compact(mask_tmp, masks, keep)
+    labels = labels_from_fractions(tiled.tumor_fraction, config.min_tumor_fraction)
+    frame = pd.DataFrame(
+        {
+            "patch_id": [
+                f"{source.image_id}@{x},{y}" for x, y in zip(xs[keep], ys[keep], strict=True)
+            ],
+            "image_id": source.image_id,
+            "x": xs[keep],
+            "y": ys[keep],
+            "size": grid.size * ds,
+            "level": config.level,
+            "tumor_fraction": tiled.tumor_fraction[keep],
+            "tissue_ratio": tissue_ratio[keep],
+            "label": labels[keep],
+            "synthetic": False,
+        }
+    )
+    info = {
+        "height": grid.height * ds,
+        "width": grid.width * ds,
+        "grid_patches": int(keep.size),
+        "kept": int(keep.sum()),
+        "tumor": int(labels[keep].sum()),
+        "dropped_glass": int((~keep).sum()),
+        "tissue": tissue_source,
+        "tissue_threshold": tissue.threshold,
+        "tissue_polarity": tissue.polarity,
+    }
+    return frame, info
+
+
+def _precomputed_tissue(
+    source: _Source, reader: Any, config: PatchifyConfig
+) -> tuple[TissueMask | None, str]:
+    """A tissue mask that needs no pass over full-resolution pixels, when one exists.
+
+    A tissue/ mask file wins; otherwise a pyramid level of at most
+    ``PYRAMID_THUMBNAIL_SIDE`` pixels a side serves as the thumbnail. Returns
+    (None, "") when the thumbnail must be accumulated during tiling.
+    """
+    from unshortcut.tiling.tissue import thumbnail_of, tissue_from_mask_file
+
+    grid, ds = source.grid, source.downsample
+    resolution = ds * thumbnail_factor(grid.size, grid.stride, grid.height, grid.width)
+    if source.tissue_path is not None:
+        tissue = tissue_from_mask_file(source.tissue_path, reader.level_shape(0), resolution)
+        return tissue, f"mask file {source.tissue_path.name}"
+    smallest = min(max(reader.level_shape(level)) for level in range(reader.level_count))
+    if reader.level_count > 1 and smallest <= PYRAMID_THUMBNAIL_SIDE:
+        thumbnail, downsample = thumbnail_of(reader, PYRAMID_THUMBNAIL_SIDE)
+        return _detect_tissue(thumbnail, downsample, config), f"pyramid level 1/{downsample:.0f}"
+    return None, ""
+
+
+def _detect_tissue(
+    thumbnail: np.ndarray | None, downsample: float, config: PatchifyConfig
+) -> TissueMask:
+    from unshortcut.tiling.tissue import detect_tissue_from_thumbnail
+
+    assert thumbnail is not None
+    return detect_tissue_from_thumbnail(
+        thumbnail,
+        downsample,
+        method=config.tissue_method,  # type: ignore[arg-type]
+        threshold=config.tissue_threshold,
+        min_object_px=config.min_object_size,
+    )
+
+
+def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> None:
+    """Append the kept rows of a temporary grid-order file to the final store, chunk by chunk."""
+    row_items = int(np.prod(store.row_shape))
+    with open(raw, "rb") as handle:
+        for start in range(0, keep.size, _COMPACT_CHUNK):
+            chosen = keep[start : start + _COMPACT_CHUNK]
+            rows = np.fromfile(handle, dtype=store.dtype, count=chosen.size * row_items)
+            store.append(rows.reshape(chosen.size, *store.row_shape)[chosen])
+    raw.unlink()
+
+
+def _columns(metadata: pd.DataFrame | None) -> list[str]:
+    return [] if metadata is None else list(metadata.columns)
+
+
+def _assemble_table(
+    parts: list[pd.DataFrame], metadata: pd.DataFrame | None, config: PatchifyConfig
+) -> pd.DataFrame:
+    """All patches in store order, with metadata columns, patient ids and splits."""
+    table = pd.concat(parts, ignore_index=True)
+    if table.empty:
+        raise UnshortcutError(
+            f"--min-tissue: no patch holds at least {config.min_tissue:.0%} tissue; lower it"
+        )
+    meta_columns = [c for c in _columns(metadata) if c != "image_id"]
+    if metadata is not None:
+        table = table.merge(metadata, on="image_id", how="left", validate="many_to_one")
+    if "patient_id" in meta_columns:
+        patient = table["patient_id"].astype("string")
+        table["patient_id"] = patient.fillna(table["image_id"].astype("string")).astype(str)
+    else:
+        table["patient_id"] = table["image_id"]
+    if "split" in meta_columns:
+        table["split"] = table["split"].astype(str)
+    else:
+        region = config.region_size or 8 * int(table["size"].iloc[0])
+        units = unit_keys(table, config.split_unit, region)  # type: ignore[arg-type]
+        table["split"] = draw_splits(
+            units, table["label"].to_numpy(), config.split_fractions, config.seed
+        )
+    first = ["patch_id", "image_id", "patient_id", "split", "x", "y", "size", "level",
+             "tumor_fraction", "tissue_ratio", "label", "synthetic"]  # fmt: skip
+    rest = [c for c in table.columns if c not in first]
+    return table[first + rest]
+
+
+def _manifest(
+    data_dir: Path,
+    config: PatchifyConfig,
+    table: pd.DataFrame,
+    per_image: dict[str, dict[str, Any]],
+    pixel_info: dict[str, Any],
+    metadata: pd.DataFrame | None,
+) -> dict[str, Any]:
+    parameters = asdict(config)
+    parameters["stride"] = config.resolved_stride
+    parameters["split_fractions"] = list(config.split_fractions)
+    if config.split_unit == "region":
+        parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": "unshortcut",
+        "tool_version": __version__,
+        "source": str(data_dir.resolve()),
+        "parameters": parameters,
+        "splits_from": "metadata.csv" if "split" in _columns(metadata) else config.split_unit,
+        "n_patches": len(table),
+        "channels": pixel_info["channels"],
+        "dtype": pixel_info["dtype"],
+        "input_size": config.input_size,
+        "class_names": list(CLASS_NAMES),
+        "splits": list(SPLITS),
+        "counts": count_table(table),
+        "images": per_image,
+        "metadata_columns": [c for c in _columns(metadata) if c != "image_id"],
+        "files": {
+            "table": TABLE_FILE,
+            "pixels": PIXELS_FILE,
+            "masks": MASKS_FILE,
+        },
+    }
+
+
+def summary_rows(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Per split: patches, tumor, non-tumor, median tissue ratio of each class."""
+
+    def median(values: pd.Series) -> str:
+        return f"{values.median():.3f}" if len(values) else "-"
+
+    rows = []
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        tumor, normal = part[part["label"] == 1], part[part["label"] == 0]
+        rows.append(
+            (
+                split,
+                str(len(part)),
+                str(len(tumor)),
+                str(len(normal)),
+                median(tumor["tissue_ratio"]),
+                median(normal["tissue_ratio"]),
+            )
+        )
+    return rows

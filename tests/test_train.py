@@ -1,0 +1,303 @@
+"""The training loop: learning, run-folder contract, resume, determinism, honesty, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_data import write_toy_patch_set
+from typer.testing import CliRunner
+
+from unshortcut.cli import app
+from unshortcut.config import TrainConfig, load_config, parse_hp
+from unshortcut.errors import UnshortcutError
+from unshortcut.evaluate import evaluate_run, load_model, open_run
+from unshortcut.methods.erm import ERM
+from unshortcut.train import LoopContext, load_run_data, train
+
+FAST = {"epochs": 3, "batch_size": 32, "bootstrap": 20, "lr": 0.02, "device": "cpu"}
+
+
+def _config(patches: Path, out: Path, **changes: Any) -> TrainConfig:
+    return TrainConfig(patches=patches, out=out, **(FAST | changes))
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_patch_set(tmp_path_factory.mktemp("toy") / "patches", n=240)
+
+
+@pytest.fixture(scope="module")
+def reference_run(patches: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run that several tests compare against."""
+    return train(_config(patches, tmp_path_factory.mktemp("ref") / "run"), progress=False)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def test_loop_learns_the_toy_task(reference_run: Path) -> None:
+    history = [json.loads(line) for line in _read(reference_run / "history.jsonl").splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val"]["loss"] < history[0]["val"]["loss"]
+    metrics = json.loads(_read(reference_run / "metrics.json"))
+    assert metrics["test"]["accuracy"] > 0.9
+
+
+def test_run_folder_contract(reference_run: Path) -> None:
+    metrics = json.loads(_read(reference_run / "metrics.json"))
+    selection = metrics["selection"]
+    assert selection["criterion"] == "worst_group_accuracy"
+    assert set(selection["by_criterion"]) == set(TrainConfig.model_fields["select_by"].default_factory())
+    for split in ("val", "test"):
+        m = metrics[split]
+        for key in ("accuracy", "balanced_accuracy", "group_balanced_accuracy", "auroc"):
+            assert 0 <= m[key] <= 1
+        assert len(m["worst_group_accuracy_ci"]) == 2
+        assert set(m["groups"]) == set(metrics["group_names"])
+        # Predictions are enough to recompute the metrics independently.
+        pred = pd.read_parquet(reference_run / "predictions" / f"{split}.parquet")
+        assert list(pred.columns) == [
+            "patch_id", "image_id", "label", "group", "attribute", "score", "prediction"
+        ]  # fmt: skip
+        assert (pred["prediction"] == (pred["score"] >= 0.5)).all()
+        correct = pred["prediction"] == pred["label"]
+        assert m["accuracy"] == pytest.approx(correct.mean())
+        per_group = correct.groupby(pred["group"]).mean()
+        assert m["worst_group_accuracy"] == pytest.approx(per_group.min())
+        for name, acc in per_group.items():
+            assert m["groups"][name]["accuracy"] == pytest.approx(acc)
+    config = json.loads(_read(reference_run / "config.json"))
+    assert config["method"] == "erm" and config["hp"] == {}
+    assert config["groups"]["group_names"] == metrics["group_names"]
+    assert len(config["normalization"]["mean"]) == 3
+    checkpoints = reference_run / "checkpoints"
+    assert (checkpoints / "last.pt").is_file()
+    for criterion in selection["by_criterion"]:
+        assert (checkpoints / f"best-{criterion}.pt").is_file()
+        assert (checkpoints / f"final-{criterion}.pt").is_file()
+    # Criteria that chose the same epoch share one file.
+    epochs = selection["by_criterion"]
+    inodes = {(checkpoints / f"best-{c}.pt").stat().st_ino for c in epochs}
+    assert len(inodes) == len(set(epochs.values()))
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(
+    patches: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    config = _config(patches, tmp_path / "run")
+
+    def crash(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, on_epoch_end=crash)
+    assert not (config.out / "metrics.json").exists()
+    assert len(_read(config.out / "history.jsonl").splitlines()) == 2
+    with pytest.raises(UnshortcutError, match="already holds files"):
+        train(config, progress=False)
+    train(config, resume=True, progress=False)
+    assert _read(config.out / "metrics.json") == _read(reference_run / "metrics.json")
+    assert _read(config.out / "history.jsonl") == _read(reference_run / "history.jsonl")
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(
+    patches: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    again = train(_config(patches, tmp_path / "again"), progress=False)
+    assert _read(again / "metrics.json") == _read(reference_run / "metrics.json")
+    other = train(_config(patches, tmp_path / "other", seed=1, epochs=1), progress=False)
+    first_ref = _read(reference_run / "history.jsonl").splitlines()[0]
+    assert _read(other / "history.jsonl").splitlines()[0] != first_ref
+
+
+def test_selection_never_reads_test_labels(
+    patches: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for name in ("pixels.npy", "masks.npy", "manifest.json"):
+        (flipped / name).write_bytes((patches / name).read_bytes())
+    table = pd.read_parquet(patches / "patches.parquet")
+    test = table["split"] == "test"
+    table.loc[test, "label"] = 1 - table.loc[test, "label"]
+    table.to_parquet(flipped / "patches.parquet", index=False)
+
+    seen: list[bool] = []
+    config = _config(flipped, tmp_path / "run")
+    run = train(
+        config,
+        progress=False,
+        on_epoch_end=lambda e: seen.append((config.out / "predictions").exists()),
+    )
+    assert seen == [False, False, False]  # test predictions appear only at the end
+    ours, ref = (json.loads(_read(p / "metrics.json")) for p in (run, reference_run))
+    assert ours["selection"] == ref["selection"]
+    assert ours["val"] == ref["val"]
+    assert _read(run / "history.jsonl") == _read(reference_run / "history.jsonl")
+    assert ours["test"]["accuracy"] == pytest.approx(1 - ref["test"]["accuracy"])
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    patches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    steps_per_epoch = math.ceil(144 / 32)
+    original = ERM.loss
+
+    def poisoned(self: ERM, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(self, model, batch)
+        return loss * math.nan if calls["n"] == steps_per_epoch + 3 else loss
+
+    monkeypatch.setattr(ERM, "loss", poisoned)
+    config = _config(patches, tmp_path / "run")
+    with pytest.raises(UnshortcutError, match=r"loss is nan at epoch 1, step 2"):
+        train(config, progress=False)
+    state = torch.load(config.out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (config.out / "metrics.json").exists()
+
+
+def test_evaluate_rescoring_matches_the_run(reference_run: Path, patches: Path) -> None:
+    folder, metrics = evaluate_run(reference_run, patches, name="again", device="cpu")
+    assert folder == reference_run / "evaluation" / "again"
+    stored = json.loads(_read(reference_run / "metrics.json"))
+    for split in ("val", "test"):
+        for key in ("accuracy", "worst_group_accuracy", "auroc", "worst_group_accuracy_ci"):
+            assert metrics[split][key] == pytest.approx(stored[split][key])
+    on_disk = pd.read_parquet(folder / "predictions" / "test.parquet")
+    ref = pd.read_parquet(reference_run / "predictions" / "test.parquet")
+    np.testing.assert_allclose(on_disk["score"], ref["score"], rtol=1e-5)
+    model = load_model(open_run(reference_run))
+    assert model.head.out_features == 2
+
+
+def test_fit_auxiliary_is_deterministic_and_selects_on_validation(patches: Path) -> None:
+    config = _config(patches, Path("unused"), augment=False)
+    results = []
+    for _ in range(2):
+        data = load_run_data(patches, device=torch.device("cpu"), splits=("train", "val"), config=config)
+        ctx = LoopContext(config, data, torch.device("cpu"))
+        model = ctx.fit_auxiliary(epochs=2, select_by="worst_class_accuracy", class_balanced=True)
+        results.append(ctx.predict(model, "val"))
+        weighted = ctx.fit_auxiliary(epochs=1, row_weights=np.arange(len(ctx.train)) % 2 + 0.5)
+        assert ctx.features(weighted, "val").shape == (len(ctx.val), weighted.n_features)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert results[0].shape == (len(data.splits["val"]), 2)
+
+
+def test_config_file_and_flags_merge(tmp_path: Path) -> None:
+    file = tmp_path / "train.toml"
+    file.write_text(
+        'patches = "p"\nout = "r"\nepochs = 7\nlr = 0.5\nattributes = ["tissue_ratio"]\n'
+        "[hp]\nalpha = 1\nbeta = 2\n",
+        encoding="utf-8",
+    )
+    config = load_config(file, lr=0.1, hp=parse_hp(["beta=3.5", "name=x"]), taus=None)
+    assert (config.epochs, config.lr, config.patches) == (7, 0.1, Path("p"))
+    assert config.hp == {"alpha": 1, "beta": 3.5, "name": "x"}
+    with pytest.raises(UnshortcutError, match="select_by"):
+        load_config(file, select_by=["median"])
+    with pytest.raises(UnshortcutError, match="--hp"):
+        parse_hp(["novalue"])
+
+
+def _cli(*args: str) -> Any:
+    return CliRunner().invoke(app, ["train", *map(str, args), "--quiet", "--epochs", "1"])
+
+
+def _edit_table(source: Path, target: Path, edit: Any) -> Path:
+    target.mkdir()
+    for name in ("pixels.npy", "masks.npy", "manifest.json"):
+        (target / name).write_bytes((source / name).read_bytes())
+    table = pd.read_parquet(source / "patches.parquet")
+    edit(table)
+    table.to_parquet(target / "patches.parquet", index=False)
+    return target
+
+
+def test_cli_bad_input_is_one_clear_line(patches: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("pixels.npy", "masks.npy", "patches.parquet"):
+        (old / name).write_bytes((patches / name).read_bytes())
+    manifest = json.loads(_read(patches / "manifest.json")) | {"format_version": 99}
+    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "manifest.json").write_text(_read(patches / "manifest.json"), encoding="utf-8")
+
+    def one_class(table: pd.DataFrame) -> None:
+        table.loc[table["split"] == "train", "label"] = 0
+
+    cases = {
+        "another version": (_cli(old, "--out", out), "version"),
+        "missing": (_cli(missing, "--out", out), "missing"),
+        "unknown method": (_cli(patches, "--out", out, "--method", "magic"), "unknown method"),
+        "bad hp": (_cli(patches, "--out", out, "--hp", "beta=1"), "unknown hyperparameter"),
+        "unknown attribute": (_cli(patches, "--out", out, "--attribute", "site"), "no column"),
+        "tau": (_cli(patches, "--out", out, "--tau", "1.5"), "outside tissue_ratio's range"),
+        "one class": (
+            _cli(_edit_table(patches, tmp_path / "oc", one_class), "--out", out),
+            "no tumor rows",
+        ),
+        "empty group": (
+            _cli(patches, "--out", out, "--attribute", "tissue_ratio:0.46,0.54"),
+            "empty training groups",
+        ),
+        "bad model": (_cli(patches, "--out", out, "--model", "vgg"), "unknown model"),
+        "bad lr": (_cli(patches, "--out", out, "--lr", "-1"), "lr"),
+    }
+    for name, (result, expected) in cases.items():
+        assert result.exit_code == 2, (name, result.output)
+        assert "error:" in result.output and expected in result.output, (name, result.output)
+        assert "Traceback" not in result.output, name
+    assert not out.exists() or not (out / "metrics.json").exists()
+
+
+def test_cli_refuses_a_used_run_folder_and_resume_without_a_run(
+    patches: Path, tmp_path: Path
+) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine", encoding="utf-8")
+    result = _cli(patches, "--out", used)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (used / "notes.txt").exists()
+    result = _cli(patches, "--out", tmp_path / "nothing", "--resume")
+    assert result.exit_code == 2 and "no run to resume" in result.output
+
+
+def test_one_class_validation_split_warns_and_reports_null(patches: Path, tmp_path: Path) -> None:
+    def val_negative(table: pd.DataFrame) -> None:
+        table.loc[table["split"] == "val", "label"] = 0
+
+    edited = _edit_table(patches, tmp_path / "ps", val_negative)
+    with pytest.warns(UserWarning, match="val split holds one class"):
+        run = train(_config(edited, tmp_path / "run", epochs=1), progress=False)
+    metrics = json.loads(_read(run / "metrics.json"))
+    assert metrics["val"]["auroc"] is None
+    assert metrics["test"]["auroc"] is not None
+
+
+@pytest.mark.slow
+def test_cli_train_then_evaluate_prints_tables(patches: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _cli(patches, "--out", out, "--method", "cb_erm", "--select-by", "loss")
+    assert result.exit_code == 0, result.output
+    assert "tumor|tissue_ratio>=0.5" in result.output and "worst-group accuracy" in result.output
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--bootstrap", "10"])
+    assert result.exit_code == 0, result.output
+    assert (out / "evaluation" / "patches" / "metrics.json").is_file()
