@@ -59,6 +59,7 @@ def test_parse_inline_thresholds_quantiles_and_categorical() -> None:
         (["tissue_ratio:abc"], [], "--attribute 'tissue_ratio:abc': after ':' give thresholds"),
         (["tissue_ratio:q1"], [], "quantile bins read like q4"),
         ([":0.5"], [], "the column name is missing"),
+        ([""], [], "give a column name"),
         (["tissue_ratio:0.3,0.3"], [], "thresholds must be distinct"),
         (["tissue_ratio", "tissue_ratio:q4"], [], "tissue_ratio given more than once"),
         (["tissue_ratio"], [float("nan")], "--tau: thresholds must be finite numbers"),

@@ -161,8 +161,9 @@ def test_thumbnail_is_block_mean_of_covered_area() -> None:
 
 
 def test_thumbnail_factor_divides_patch_and_stride_and_bounds_size() -> None:
-    assert thumbnail_factor(256, 256, 20000, 20000) == 8
-    assert thumbnail_factor(256, 96, 20000, 20000) == 8
+    assert thumbnail_factor(256, 256, 20000, 20000) == 16
+    assert thumbnail_factor(256, 96, 20000, 20000) == 16
     assert thumbnail_factor(32, 32, 1500, 664) == 1
+    assert thumbnail_factor(256, 256, 4096, 4096) == 4
     big = thumbnail_factor(256, 256, 200_000, 200_000)
     assert big == 64 and 200_000 / big <= 4096

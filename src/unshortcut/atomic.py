@@ -17,6 +17,13 @@ from pathlib import Path
 from unshortcut.errors import UnshortcutError
 
 
+def _umask() -> int:
+    """The process umask (temporary files are created 0600/0700; results should not be)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``target`` only if the block succeeds."""
@@ -25,6 +32,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise UnshortcutError(f"{target}: already exists (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -47,6 +55,7 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -296,7 +296,7 @@ def synth(
     dtype: str = typer.Option("uint8", help="Stored pixel type: uint8 or uint16."),
     compression: str = typer.Option("zlib", help="TIFF compression: zlib, zstd or none."),
     tumor_prevalence: float | None = typer.Option(None, help="Share of images that hold tumor."),
-    tumor_area: float | None = typer.Option(None, help="Tumor share of the tissue in tumor images."),
+    tumor_area: float | None = typer.Option(None, help="Tumor share of tissue in tumor images."),
     tumor_size: float | None = typer.Option(None, help="Typical tumor nodule radius (pixels)."),
     tumor_edge_share: float | None = typer.Option(
         None, help="Share of nodules seeded at a tissue border (small-tissue tumor patches)."
@@ -362,3 +362,63 @@ def synth(
     summary = generate_dataset(config, out, overwrite=overwrite, workers=workers)
     with_tumor = sum(1 for p in summary.plans if p.has_tumor)
     console.print(f"wrote {len(summary.plans)} images ({with_tumor} with tumor) to {out}")
+
+
+@command("audit")
+def audit_command(
+    patches: Path = typer.Argument(..., help="Patch set folder written by `unshortcut patchify`."),
+    attribute: list[str] = typer.Option(
+        ["tissue_ratio"],
+        "--attribute",
+        "-a",
+        help="Attribute to audit; repeat for several (intersectional groups). "
+        "Syntax: 'tissue_ratio', 'tissue_ratio:0.3,0.6', 'tissue_ratio:q4', 'site'.",
+    ),
+    tau: list[float] = typer.Option(
+        [], "--tau", help="Threshold(s) binning numeric attributes (default 0.5)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write audit.json, groups.csv and a distribution plot here."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """How strongly does an attribute alone predict the label? Prints the group table."""
+    from rich.table import Table
+
+    from unshortcut.audit import audit_patch_set, write_audit
+    from unshortcut.groups import parse_attribute_specs
+    from unshortcut.tiling.patchset import PatchSet
+
+    patch_set = PatchSet.open(patches)
+    result = audit_patch_set(patch_set, parse_attribute_specs(attribute, tau))
+    for column, by_split in result.attribute_auroc.items():
+        shown = ", ".join(
+            f"{split} {value:.3f}" if value is not None else f"{split} n/a"
+            for split, value in by_split.items()
+        )
+        console.print(f"AUROC of [bold]{column}[/] alone for the label: {shown}")
+    table = Table(title="Groups (label x attribute bins)")
+    for name in result.group_table.columns:
+        table.add_column(str(name))
+    for row in result.group_table.itertuples(index=False):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    if out is not None:
+        write_audit(result, patch_set, out, overwrite)
+        console.print(f"audit written to {out}")
+
+
+@command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for every stage's output."),
+    images: int = typer.Option(8, "--images", help="Synthetic images to generate."),
+    epochs: int = typer.Option(6, "--epochs", help="Training epochs per method."),
+    overwrite: bool = typer.Option(
+        True, "--overwrite/--no-overwrite", help="Replace the output of an earlier demo."
+    ),
+) -> None:
+    """Run the whole pipeline on built-in synthetic data: synth, patchify, audit, train."""
+    from unshortcut.demo import DemoSettings, run_demo
+
+    summary = run_demo(out, DemoSettings(images=images, epochs=epochs), console, overwrite)
+    console.print(f"done: every stage's output is under {out} (summary: {summary})")

@@ -92,6 +92,8 @@ def parse_attribute_specs(attributes: Sequence[str], taus: Sequence[float]) -> l
 
 def _parse_one(text: str, taus: tuple[float, ...]) -> AttributeSpec:
     column, colon, how = text.strip().rpartition(":")
+    if not how:
+        raise UnshortcutError(f"--attribute {text!r}: give a column name, e.g. tissue_ratio")
     if not colon:
         return AttributeSpec(how, thresholds=taus, categorical=None)
     if not column:

@@ -20,19 +20,19 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 import numpy as np
-import torch
 
 from unshortcut.io.base import ImageReader
 from unshortcut.io.readers import iter_bands
 from unshortcut.tiling.grid import (
     Grid,
     area_resize,
-    block_mean,
-    cast_pixels,
+    block_sum,
+    crops,
     pool_factor,
     thumbnail_factor,
-    to_channels_first_float,
+    to_dtype,
     tumor_mask_uint8,
+    windows,
 )
 
 #: Mask rows read per chunk when the mask reader has no band iterator of its own.
@@ -134,47 +134,35 @@ def tile_image(
     mask_chunks = _mask_chunks(mask, grid.covered_height * downsample)
     mask_rows = _RollingRows(mask_chunks, width * downsample)
     tumor = np.empty((grid.rows, grid.cols), dtype=np.float64)
-    thumb_parts: list[torch.Tensor] = []
+    thumb_parts: list[np.ndarray] = []
     for row, y in enumerate(grid.ys.tolist()):
         band, fresh = image_rows.band(y, y + size)
         mask_band, _ = mask_rows.band(y * downsample, (y + size) * downsample)
-        band_t = to_channels_first_float(band)
         if factor is not None:
-            pooled = block_mean(band_t, factor)
-            patches = _windows(pooled, input_size, stride // factor)
-        else:
-            patches = area_resize(_crops(band_t, grid.xs, size), input_size)
-        pixel_out.write(cast_pixels(patches, reader.dtype).tobytes())
-        mask_t = to_channels_first_float(mask_band[:, :, None])
-        if factor is not None:
+            sums = block_sum(band, factor)
+            patches = windows(sums, input_size, stride // factor) / factor**2
             mask_factor = factor * downsample
-            fractions = block_mean(mask_t, mask_factor)
-            mask_patches = _windows(fractions, input_size, stride // factor)[:, 0]
-            counts = (mask_patches * mask_factor**2).round().sum(dim=(1, 2))
+            counts = windows(
+                block_sum(mask_band[:, :, None], mask_factor), input_size, stride // factor
+            )
+            tumor_counts = counts.sum(axis=(1, 2, 3))
+            mask_patches = counts[:, 0] / mask_factor**2
         else:
-            crops = _crops(mask_t, grid.xs * downsample, full)
-            mask_patches = area_resize(crops, input_size)[:, 0]
-            counts = crops.sum(dim=(1, 2, 3))
-        tumor[row] = counts.double().numpy() / full**2
+            patches = area_resize(crops(band, grid.xs, size), input_size)
+            mask_crops = crops(mask_band[:, :, None], grid.xs * downsample, full)
+            tumor_counts = mask_crops.sum(axis=(1, 2, 3))
+            mask_patches = area_resize(mask_crops, input_size)[:, 0]
+        pixel_out.write(to_dtype(patches, reader.dtype).tobytes())
         mask_out.write(tumor_mask_uint8(mask_patches).tobytes())
+        tumor[row] = tumor_counts / full**2
         if want_thumbnail and len(fresh):
             if reuse_pooled:
-                thumb_parts.append(block_mean(pooled, thumb_factor // factor))
+                part = block_sum(sums, thumb_factor // factor)  # sums of sums: exact
             else:
-                thumb_parts.append(block_mean(to_channels_first_float(fresh), thumb_factor))
+                part = block_sum(fresh, thumb_factor)
+            thumb_parts.append(part / thumb_factor**2)
         on_band()
     thumbnail = None
     if want_thumbnail:
-        stacked = torch.cat(thumb_parts, dim=2)[0].permute(1, 2, 0)
-        thumbnail = cast_pixels(stacked.contiguous(), reader.dtype)
+        thumbnail = to_dtype(np.concatenate(thumb_parts), reader.dtype)
     return TiledImage(tumor.reshape(-1), thumbnail, thumb_factor * downsample)
-
-
-def _windows(pooled: torch.Tensor, input_size: int, step: int) -> torch.Tensor:
-    """(1, C, S, w) pooled band -> (cols, C, S, S) patches every ``step`` pooled columns."""
-    return pooled[0].unfold(2, input_size, step).permute(2, 0, 1, 3)
-
-
-def _crops(band: torch.Tensor, xs: np.ndarray, size: int) -> torch.Tensor:
-    """(1, C, h, w) band -> (cols, C, h, size) crops at columns ``xs``."""
-    return torch.stack([band[0, :, :, x : x + size] for x in xs.tolist()])

@@ -82,6 +82,8 @@ def pool_factor(size: int, stride: int, input_size: int) -> int | None:
 
 #: Longest side of the tissue-detection thumbnail accumulated while tiling.
 THUMBNAIL_MAX_SIDE = 4096
+#: A thumbnail this small is never coarsened further.
+THUMBNAIL_PIXELS = 1024 * 1024
 
 
 def thumbnail_factor(size: int, stride: int, height: int, width: int) -> int:
@@ -89,51 +91,86 @@ def thumbnail_factor(size: int, stride: int, height: int, width: int) -> int:
 
     It divides both patch size and stride, so every patch covers whole thumbnail pixels
     and tissue ratios are exact means over thumbnail pixels. It is the smallest such
-    divisor that keeps the thumbnail within ``THUMBNAIL_MAX_SIDE`` pixels a side: the
-    tissue ratio is the attribute the shortcut lives in, so it is measured as finely as
-    a bounded thumbnail allows (a 20,000 px slide with 256 px patches: 1/8, so each
-    patch spans 32 x 32 thumbnail pixels).
+    divisor that either gives each patch at most 16 x 16 thumbnail pixels (256 steps of
+    tissue ratio, finer than any tissue outline) or already leaves a thumbnail of at
+    most ``THUMBNAIL_PIXELS`` pixels, and that keeps the thumbnail within
+    ``THUMBNAIL_MAX_SIDE`` pixels a side: detection cost grows with thumbnail area.
     """
     common = math.gcd(size, stride)
     divisors = [d for d in range(1, common + 1) if common % d == 0]
     for d in divisors:
-        if max(height, width) / d <= THUMBNAIL_MAX_SIDE:
+        fine_enough = d * 16 >= size or height * width / d**2 <= THUMBNAIL_PIXELS
+        if fine_enough and max(height, width) / d <= THUMBNAIL_MAX_SIDE:
             return d
     return divisors[-1]
 
 
-def to_channels_first_float(band: np.ndarray) -> torch.Tensor:
-    """(h, w, C) numpy -> (1, C, h, w) float32 tensor (channels-last memory, no copy first)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(band))
-    if tensor.ndim == 2:
-        tensor = tensor.unsqueeze(-1)
-    return tensor.permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+def _accumulators(dtype: np.dtype, factor: int) -> tuple[type, type]:
+    """Exact accumulator dtypes for summing ``factor`` rows, then ``factor`` columns."""
+    if dtype == np.bool_ or (dtype.kind == "u" and dtype.itemsize == 1):
+        return (np.uint16 if factor <= 257 else np.uint32), np.uint32
+    if dtype.kind == "u":
+        return np.uint64, np.uint64
+    if dtype.kind == "i":
+        return np.int64, np.int64
+    return np.float64, np.float64
 
 
-def block_mean(tensor: torch.Tensor, factor: int) -> torch.Tensor:
-    """Mean over non-overlapping ``factor`` x ``factor`` blocks of a (1, C, h, w) tensor."""
-    if factor == 1:
-        return tensor
-    return F.avg_pool2d(tensor, kernel_size=factor, stride=factor)
+def block_sum(values: np.ndarray, factor: int) -> np.ndarray:
+    """Exact sums over ``factor`` x ``factor`` blocks of (h, w, ...) ``values``.
+
+    Written as ``factor`` strided additions of whole rows, then of columns, in small
+    integer accumulators: an order of magnitude faster than converting a band to float
+    and pooling it, which matters because this runs over every decoded pixel.
+    """
+    height, width = values.shape[:2]
+    rest = values.shape[2:]
+    row_acc, col_acc = _accumulators(values.dtype, factor)
+    rows = values.reshape(height // factor, factor, width, *rest)
+    summed = rows[:, 0].astype(row_acc)
+    for i in range(1, factor):
+        summed += rows[:, i]
+    cols = summed.reshape(height // factor, width // factor, factor, *rest)
+    total = cols[:, :, 0].astype(col_acc)
+    for i in range(1, factor):
+        total += cols[:, :, i]
+    return total
 
 
-def area_resize(patches: torch.Tensor, input_size: int) -> torch.Tensor:
-    """Area-average (N, C, P, P) patches to (N, C, S, S); equals the block mean when S | P."""
-    return F.adaptive_avg_pool2d(patches.to(torch.float32), input_size)
+def windows(pooled: np.ndarray, input_size: int, step: int) -> np.ndarray:
+    """(S, w, C) pooled band -> (cols, C, S, S) views of patches every ``step`` columns."""
+    view = np.lib.stride_tricks.sliding_window_view(pooled, input_size, axis=1)[:, ::step]
+    return view.transpose(1, 2, 0, 3)
 
 
-def cast_pixels(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """Averaged pixels back in the source dtype: integers are rounded and clipped."""
+def crops(band: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, C) band -> (cols, C, h, size) patches at columns ``xs``."""
+    return np.stack([band[:, x : x + size].transpose(2, 0, 1) for x in xs.tolist()])
+
+
+def area_resize(patches: np.ndarray, input_size: int) -> np.ndarray:
+    """Area-average (N, C, P, P) patches to (N, C, S, S) float32 for any P and S.
+
+    For non-integer footprints (P not a multiple of S) each output pixel averages the
+    input pixels its footprint touches (torch ``adaptive_avg_pool2d``); when S divides
+    P this equals the block mean.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+    return F.adaptive_avg_pool2d(tensor, input_size).numpy()
+
+
+def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Averaged pixels back in the source dtype: integers rounded (half to even), clipped."""
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
+    if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        values = values.round().clamp_(info.min, info.max)
-    return values.numpy().astype(dtype, copy=False)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype)
 
 
-def tumor_mask_uint8(fractions: torch.Tensor) -> np.ndarray:
+def tumor_mask_uint8(fractions: np.ndarray) -> np.ndarray:
     """Per-input-pixel tumor fraction stored as uint8 = round(255 * fraction)."""
-    return (fractions * 255.0).round().clamp_(0, 255).numpy().astype(np.uint8)
+    return np.clip(np.rint(fractions * 255.0), 0, 255).astype(np.uint8)
 
 
 def labels_from_fractions(
