@@ -9,8 +9,11 @@ All three train the same small CNN at the same total batch size on random patche
   per half batch with the losses scaled by ``-beta`` and ``1 + beta`` (same gradient
   without BatchNorm, or with frozen BatchNorm; with shared statistics it differs).
 
-Rounds alternate the variants so that load on a shared machine hits them alike; the table
-reports the median over rounds. Usage: ``python bench/step_cost.py [--size 32] [--batch 64]``.
+Steps alternate between the variants (erm, gerne, two_backward, erm, ...) so that load on
+a shared machine hits them alike; each variant's rate is its batch size over its median
+step time, which ignores steps slowed by other processes.
+
+Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 100]``.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def two_backward_step(model: torch.nn.Module, batch: Batch, beta: float) -> None
 
 
 def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
-    """A closure timing ``args.steps`` steps of one variant; returns samples per second."""
+    """A closure running one training step of a variant; returns its duration in seconds."""
     split, pixels = make_data(4096, args.size, seed=0)
     ctx = SimpleNamespace(
         train=split, val=split, batch_size=args.batch, seed=0, device=torch.device("cpu")
@@ -81,7 +84,7 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
 
     stream = batches()
 
-    def step() -> int:
+    def step() -> None:
         batch = batch_of(split, pixels, next(stream))
         optimizer.zero_grad(set_to_none=True)
         if name == "two_backward":
@@ -89,17 +92,14 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
         else:
             method.loss(model, batch).backward()
         optimizer.step()
-        return len(batch.y)
-
-    for _ in range(args.warmup):
-        step()
 
     def timed() -> float:
-        start, samples = time.perf_counter(), 0
-        for _ in range(args.steps):
-            samples += step()
-        return samples / (time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
 
+    for _ in range(args.warmup):
+        timed()
     return timed
 
 
@@ -107,8 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32, help="input size in pixels")
     parser.add_argument("--batch", type=int, default=64, help="total batch size")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -117,15 +116,15 @@ def main() -> None:
 
     names = ("erm", "gerne", "two_backward")
     timers = {name: run_variant(name, args) for name in names}
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.steps):
         for name in names:
-            rates[name].append(timers[name]())
-    median = {name: statistics.median(values) for name, values in rates.items()}
+            times[name].append(timers[name]())
+    median = {name: args.batch / statistics.median(values) for name, values in times.items()}
 
     table = Table(
         title=f"GERNE step cost: small_cnn, {args.size} px, 3 channels, batch {args.batch}, "
-        f"CPU x{args.threads}, median of {args.rounds} rounds x {args.steps} steps"
+        f"CPU x{args.threads}, median of {args.steps} interleaved steps each"
     )
     for column in ("variant", "samples/s", "cost per sample vs ERM", "vs GERNE"):
         table.add_column(column, justify="right")

@@ -66,7 +66,7 @@ def test_hand_computed_case(tmp_path: Path) -> None:
     assert patches.pixels.shape == (3, 3, 2, 2) and patches.pixels.dtype == np.uint8
     image = np.asarray(Image.open(data / "images" / "a.png")).astype(float)
     block = image[0:4, 4:8].reshape(2, 2, 2, 2, 3).mean(axis=(1, 3))
-    np.testing.assert_array_equal(patches.pixels[1], np.rint(block).transpose(2, 0, 1))
+    np.testing.assert_array_equal(patches.pixels[1], np.floor(block + 0.5).transpose(2, 0, 1))
     assert patches.masks[0].tolist() == [[64, 0], [0, 0]]
     assert patches.masks[1].tolist() == [[0, 0], [255, 255]]
     manifest = patches.manifest
@@ -184,6 +184,11 @@ def break_unknown_image(data: Path) -> str:
     return "ghost"
 
 
+def break_reserved_column(data: Path) -> str:
+    (data / "metadata.csv").write_text("image_id,label\na,1\n")
+    return "label"
+
+
 def break_patch_size(data: Path) -> str:
     return "larger than the image"
 
@@ -198,6 +203,7 @@ def break_patch_size(data: Path) -> str:
         break_non_image,
         break_metadata,
         break_unknown_image,
+        break_reserved_column,
         break_patch_size,
     ],
 )
@@ -222,7 +228,8 @@ def test_bad_options(tmp_path: Path) -> None:
         ("--tissue-method", "magic"),
         ("--input-size", "8"),
     ]:
-        result = invoke(str(data), str(tmp_path / "out"), "--patch-size", "4", option, value)
+        out = str(tmp_path / "out")
+        result = invoke(str(data), out, "--patch-size", "4", "--input-size", "2", option, value)
         assert result.exit_code == 2 and option in result.output, result.output
         assert not (tmp_path / "out").exists()
 
@@ -267,3 +274,31 @@ def test_camelyon16_region_split_shows_the_shortcut(shared_data: Path, tmp_path:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["split_unit"] == "region"
     assert manifest["parameters"]["region_size"] == 256
+
+
+def test_pyramid_level_positions_in_full_resolution(tmp_path: Path) -> None:
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    image[:, 32:] = 240  # glass on the right half
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    with tifffile.TiffWriter(tmp_path / "data" / "images" / "s.tif") as tif:
+        tif.write(image, tile=(16, 16), subifds=1, photometric="rgb")
+        tif.write(image[::2, ::2], tile=(16, 16), subfiletype=1, photometric="rgb")
+    tumor = np.zeros((64, 64), np.uint8)
+    tumor[0:4, 0:16] = 255  # 64 full-resolution pixels in the first patch
+    save(tmp_path / "data" / "masks" / "s.png", tumor)
+    out = tmp_path / "out"
+    config = PatchifyConfig(patch_size=8, input_size=4, level=1, min_tissue=0, min_object_size=1)
+    table = patchify(tmp_path / "data", out, config).table
+    assert table["size"].unique().tolist() == [16]
+    assert table["level"].unique().tolist() == [1]
+    assert table["x"].max() == 48 and table["y"].max() == 48 and len(table) == 16
+    first = table.iloc[0]
+    assert (first["x"], first["y"], first["tumor_fraction"]) == (0, 0, 64 / 256)
+    # Tissue came from the pyramid (the left half is tissue, the right half glass).
+    left = table[table["x"] < 32]["tissue_ratio"]
+    right = table[table["x"] >= 32]["tissue_ratio"]
+    assert left.min() > 0.9 and right.max() < 0.1
+    assert "pyramid" in PatchSet.open(out).manifest["images"]["s"]["tissue"]

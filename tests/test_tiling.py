@@ -109,9 +109,9 @@ def test_hand_computed_8x8_labels_fractions_and_masks() -> None:
     assert masks[1].tolist() == [[0, 0], [255, 255]]
     assert masks[2].tolist() == [[0, 0], [0, 0]]
     assert masks[3].tolist() == [[255, 255], [255, 255]]
-    # Pixels: the top-left input pixel of patch 0 averages 0, 1, 8, 9 -> 4.5 -> rounds to 4.
-    assert pixels[0, 0].tolist() == [[4, 6], [20, 22]]
-    assert pixels[3, 0].tolist() == [[40, 42], [56, 58]]
+    # Pixels: the top-left input pixel of patch 0 averages 0, 1, 8, 9 -> 4.5 -> rounds up.
+    assert pixels[0, 0].tolist() == [[5, 7], [21, 23]]
+    assert pixels[3, 0].tolist() == [[41, 43], [57, 59]]
 
 
 @pytest.mark.parametrize(("size", "stride", "input_size"), [(32, 32, 8), (32, 16, 8), (16, 24, 4)])
@@ -125,11 +125,11 @@ def test_resize_equals_block_mean(size: int, stride: int, input_size: int) -> No
     for y in grid.ys:
         for x in grid.xs:
             crop = image[y : y + size, x : x + size]
-            expected = np.round(block_mean(crop, f)).astype(np.uint8).transpose(2, 0, 1)
+            expected = np.floor(block_mean(crop, f) + 0.5).astype(np.uint8).transpose(2, 0, 1)
             np.testing.assert_array_equal(pixels[index], expected)
             mcrop = mask[y : y + size, x : x + size]
             assert tiled.tumor_fraction[index] == pytest.approx(mcrop.mean())
-            expected_mask = np.round(255 * block_mean(mcrop[:, :, None], f)[:, :, 0])
+            expected_mask = np.floor(255 * block_mean(mcrop[:, :, None], f)[:, :, 0] + 0.5)
             np.testing.assert_array_equal(masks[index], expected_mask)
             index += 1
     # One decode pass: every covered row is read exactly once, overlap or not.
@@ -155,7 +155,7 @@ def test_thumbnail_is_block_mean_of_covered_area() -> None:
     d = tiled.thumbnail_downsample
     assert d == thumbnail_factor(32, 32, 4200, 40) == 2
     covered = image[: grid.covered_height, : grid.covered_width]
-    expected = np.round(block_mean(covered, d)).astype(np.uint16)
+    expected = np.floor(block_mean(covered, d) + 0.5).astype(np.uint16)
     assert tiled.thumbnail is not None and tiled.thumbnail.dtype == np.uint16
     np.testing.assert_array_equal(tiled.thumbnail, expected)
 
@@ -167,3 +167,15 @@ def test_thumbnail_factor_divides_patch_and_stride_and_bounds_size() -> None:
     assert thumbnail_factor(256, 256, 4096, 4096) == 4
     big = thumbnail_factor(256, 256, 200_000, 200_000)
     assert big == 64 and 200_000 / big <= 4096
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_other_dtypes_keep_their_dtype(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    image = (rng.random((16, 16, 2)) * 60000).astype(dtype)
+    _, _, pixels, _, _ = run_tiling(image, np.zeros((16, 16)), 8, 8, 2)
+    assert pixels.dtype == dtype
+    expected = block_mean(image[8:16, 0:8], 4).transpose(2, 0, 1)
+    if dtype is np.uint16:
+        expected = np.floor(expected + 0.5)
+    np.testing.assert_allclose(pixels[2], expected, rtol=1e-6)

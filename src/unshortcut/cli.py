@@ -277,12 +277,12 @@ def evaluate_command(
 @command("synth")
 def synth(
     out: Path = typer.Argument(..., help="DATA folder to write (images/, masks/, metadata.csv)."),
-    images: int = typer.Option(8, help="Number of images."),
+    images: int = typer.Option(32, help="Number of images."),
     size: int = typer.Option(2048, help="Image side in pixels (longest side with --layouts)."),
     channels: int = typer.Option(3, help="Channels: CARS, TPEF, SHG, then mixtures (1-8)."),
     seed: int = typer.Option(0, help="Master seed; the same seed gives byte-identical files."),
     tumor_signal: float = typer.Option(
-        1.0, help="Texture difference of tumor (nuclei, collagen): 0 none, 1 default, >1 more."
+        2.0, help="Texture difference of tumor (nuclei, collagen): 0 none, 1 weak, 2 default."
     ),
     layouts: Path | None = typer.Option(
         None, help="Folder of grey layout PNGs (0 glass, 1 tissue, 2 tumor) to paint on."
@@ -411,8 +411,8 @@ def audit_command(
 @command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for every stage's output."),
-    images: int = typer.Option(8, "--images", help="Synthetic images to generate."),
-    epochs: int = typer.Option(6, "--epochs", help="Training epochs per method."),
+    images: int = typer.Option(32, "--images", help="Synthetic images to generate."),
+    epochs: int = typer.Option(12, "--epochs", help="Training epochs per method."),
     overwrite: bool = typer.Option(
         True, "--overwrite/--no-overwrite", help="Replace the output of an earlier demo."
     ),

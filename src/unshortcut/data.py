@@ -16,6 +16,7 @@ of steps and together see exactly the single-process batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -109,21 +110,31 @@ class Augmentation:
         turns = torch.randint(0, 4, (n,), generator=generator)
         scale = 1 + self.intensity_scale * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
         shift = self.intensity_shift * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
+        kind = torch.zeros(n, dtype=torch.int64)
         if self.flips:
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            if mask is not None:
-                mask = torch.where(flip[:, None, None], mask.flip(-1), mask)
+            kind += 4 * flip
         if self.rotations:
-            x, mask = x.clone(), None if mask is None else mask.clone()
-            for k in range(1, 4):
-                chosen = turns == k
-                if chosen.any():
-                    x[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
-                    if mask is not None:
-                        mask[chosen] = torch.rot90(mask[chosen], k, dims=(-2, -1))
+            kind += turns
+        if kind.any():
+            # One gather applies each patch's symmetry: output pixel p reads input pixel
+            # table[kind, p] (rot90 of a flipped index grid), for images and masks alike.
+            size = x.shape[-1]
+            source = _symmetry_table(size)[kind]
+            x = x.reshape(n, c, -1).gather(2, source[:, None].expand(n, c, -1)).view_as(x)
+            if mask is not None:
+                mask = mask.reshape(n, -1).gather(1, source).view_as(mask)
         if self.intensity_scale or self.intensity_shift:
-            x = x * scale.to(x.dtype) + shift.to(x.dtype)
+            x = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
         return x, mask
+
+
+@functools.cache
+def _symmetry_table(size: int) -> torch.Tensor:
+    """(8, size * size) source pixel of every output pixel: kind = 4 * flip + quarter turns."""
+    grid = torch.arange(size * size).view(size, size)
+    return torch.stack(
+        [torch.rot90(g, k, (0, 1)).reshape(-1) for g in (grid, grid.flip(-1)) for k in range(4)]
+    )
 
 
 def augmentation_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -163,8 +174,11 @@ class SplitData:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.split = split
         self.device = device
-        self._mean = torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
+        inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
+        # (x - mean) / std as one fused x * inv_std + bias pass.
+        self._inv_std = inv_std.float()
+        self._bias = (-mean * inv_std).float()
         self._labels = torch.from_numpy(split.labels.astype(np.int64))
         self._attributes = torch.from_numpy(split.attributes.astype(np.int64))
 
@@ -190,7 +204,7 @@ class SplitData:
         """The batch of split rows ``index`` on the CPU (augmented when given one)."""
         index = np.asarray(index, dtype=np.int64)
         x = torch.from_numpy(self._read(self.pixels, index).astype(np.float32, copy=False))
-        x = (x - self._mean) * self._inv_std
+        x = torch.addcmul(self._bias, x, self._inv_std)
         mask = None
         if with_masks and self.masks is not None:
             mask = torch.from_numpy(self._read(self.masks, index)).float().div_(255)

@@ -28,9 +28,9 @@ from unshortcut.train import train
 class DemoSettings:
     """Sizes of the demo; the defaults finish in a few minutes on two CPU cores."""
 
-    images: int = 8
+    images: int = 32
     size: int = 2048
-    epochs: int = 6
+    epochs: int = 12
     tau: float = 0.5
     seed: int = 0
     methods: tuple[str, ...] = ("erm", "gerne")

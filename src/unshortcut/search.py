@@ -52,8 +52,11 @@ class Trial:
     hparams: dict[str, Any] = field(hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "index": self.index, "seed": self.seed} | {
-            "hparams": dict(self.hparams)
+        return {
+            "method": self.method,
+            "index": self.index,
+            "seed": self.seed,
+            "hparams": dict(self.hparams),
         }
 
 

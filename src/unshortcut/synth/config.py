@@ -27,18 +27,25 @@ RECOMMENDED_PATCHIFY = {"patch_size": 64, "input_size": 32, "stride": 64}
 
 
 class SynthConfig(BaseModel):
-    """Parameters of ``unshortcut synth``; all lengths are full-resolution pixels."""
+    """Parameters of ``unshortcut synth``; all lengths are full-resolution pixels.
+
+    Calibration (done once, on plain ERM only, then frozen; docs/synth.md): with the
+    first defaults (8 images, 2 per patient, tumor_signal 1) the splits held a few
+    patients and ERM reached a test balanced accuracy of only 0.80. The default became
+    32 images of one patient each and tumor_signal 2, where ERM reaches balanced
+    accuracy ~0.88 with worst-group accuracy ~0.45 (the paper's pattern).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # dataset
-    images: int = Field(8, ge=1, description="Number of images.")
+    images: int = Field(32, ge=1, description="Number of images.")
     size: int = Field(2048, ge=MIN_SIZE, description="Image side (longest side for layouts).")
     channels: int = Field(3, ge=1, le=8, description="Channels: CARS, TPEF, SHG, then mixtures.")
     seed: int = Field(0, ge=0, description="Master seed; image i uses its own child seed.")
     dtype: Literal["uint8", "uint16"] = Field("uint8", description="Stored pixel type.")
     compression: Literal["zlib", "zstd", "none"] = Field("zlib", description="TIFF codec.")
-    images_per_patient: int = Field(2, ge=1, description="Images drawn from one patient.")
+    images_per_patient: int = Field(1, ge=1, description="Images drawn from one patient.")
     sites: int = Field(2, ge=1, description="Acquisition sites, each with its own shift.")
     site_shift: float = Field(0.15, ge=0, le=1, description="Size of per-site gain/offset.")
     site_label_correlation: float = Field(
@@ -70,7 +77,9 @@ class SynthConfig(BaseModel):
     )
 
     # texture
-    tumor_signal: float = Field(1.0, ge=0, description="0: tumor looks normal; 1 default.")
+    tumor_signal: float = Field(
+        2.0, ge=0, description="0: tumor looks normal; 1 weak; 2 default (calibrated)."
+    )
     nucleus_diameter: float = Field(5.0, ge=2, description="Normal nucleus diameter (pixels).")
     nucleus_density: float = Field(4.0, gt=0, description="Normal nuclei per 1000 px^2.")
     fibre_density: float = Field(0.7, ge=0, le=1, description="Share of normal stroma with SHG.")

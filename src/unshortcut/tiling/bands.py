@@ -15,9 +15,12 @@ Memory stays at a few bands, whatever the image size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
@@ -28,12 +31,15 @@ from unshortcut.tiling.grid import (
     area_resize,
     block_sum,
     crops,
+    mean_from_sums,
     pool_factor,
     thumbnail_factor,
     to_dtype,
     tumor_mask_uint8,
     windows,
 )
+
+T = TypeVar("T")
 
 #: Mask rows read per chunk when the mask reader has no band iterator of its own.
 _MASK_CHUNK_ROWS = 256
@@ -92,12 +98,63 @@ class _RollingRows:
         return self._rows[top - start : bottom - start], fresh
 
 
+def _prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
+    """Produce ``items`` in a background thread, up to ``depth`` ahead of the consumer.
+
+    Decoding (image tiles, mask tiles) then overlaps with pooling: the codecs and numpy
+    release the GIL, so this is real parallelism. An exception in the producer is raised
+    in the consumer; closing the consumer stops the producer.
+    """
+    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, end))
+        except BaseException as error:
+            put((False, error))
+
+    thread = threading.Thread(target=produce, name="unshortcut-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = buffer.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _until(bands: Iterator[tuple[int, np.ndarray]], rows: int) -> Iterator[np.ndarray]:
+    """The bands of a (y, band) stream until row ``rows`` is covered; nothing decoded past."""
+    for y, band in bands:
+        yield band
+        if y + len(band) >= rows:
+            return
+
+
 def _mask_chunks(mask: MaskSource, rows: int) -> Iterator[np.ndarray]:
-    """Full-width boolean mask rows, top to bottom, in the mask reader's natural bands."""
+    """Full-width boolean mask rows [0, ``rows``) top to bottom, in the reader's bands."""
     own = getattr(mask, "iter_bands", None)
     if own is not None:
-        for _, band in own(_MASK_CHUNK_ROWS):
-            yield band
+        yield from _until(own(_MASK_CHUNK_ROWS), rows)
         return
     width = mask.shape[1]
     for y in range(0, rows, _MASK_CHUNK_ROWS):
@@ -125,35 +182,71 @@ def tile_image(
     block-mean thumbnail (h, w, C) in the source dtype.
     """
     size, stride, width = grid.size, grid.stride, grid.covered_width
+    covered = grid.covered_height
+    image_chunks = _prefetch(_until(iter_bands(reader, min(size, stride), level), covered))
+    mask_chunks = _prefetch(_mask_chunks(mask, covered * downsample))
+    with closing(image_chunks), closing(mask_chunks):
+        return _tile_bands(
+            reader.dtype,
+            _RollingRows(image_chunks, width),
+            _RollingRows(mask_chunks, width * downsample),
+            grid,
+            downsample,
+            input_size,
+            pixel_out,
+            mask_out,
+            want_thumbnail,
+            on_band,
+        )
+
+
+def _mask_sums(mask_band: np.ndarray, factor: int) -> np.ndarray:
+    """Tumor pixels per block; most bands of a slide hold no tumor and cost one scan."""
+    if mask_band.any():
+        return block_sum(mask_band, factor)
+    height, width = mask_band.shape
+    return np.zeros((height // factor, width // factor), np.uint32)
+
+
+def _tile_bands(
+    dtype: np.dtype,
+    image_rows: _RollingRows,
+    mask_rows: _RollingRows,
+    grid: Grid,
+    downsample: int,
+    input_size: int,
+    pixel_out: BinaryIO,
+    mask_out: BinaryIO,
+    want_thumbnail: bool,
+    on_band: Callable[[], None],
+) -> TiledImage:
+    """The band loop of :func:`tile_image`, over already opened row streams."""
+    size, stride = grid.size, grid.stride
     factor = pool_factor(size, stride, input_size)
     thumb_factor = thumbnail_factor(size, stride, grid.height, grid.width)
     reuse_pooled = factor is not None and stride == size and thumb_factor % factor == 0
     full = size * downsample
-    image_chunks = (band for _, band in iter_bands(reader, min(size, stride), level))
-    image_rows = _RollingRows(image_chunks, width)
-    mask_chunks = _mask_chunks(mask, grid.covered_height * downsample)
-    mask_rows = _RollingRows(mask_chunks, width * downsample)
     tumor = np.empty((grid.rows, grid.cols), dtype=np.float64)
     thumb_parts: list[np.ndarray] = []
     for row, y in enumerate(grid.ys.tolist()):
         band, fresh = image_rows.band(y, y + size)
         mask_band, _ = mask_rows.band(y * downsample, (y + size) * downsample)
         if factor is not None:
+            step, mask_factor = stride // factor, factor * downsample
             sums = block_sum(band, factor)
-            patches = windows(sums, input_size, stride // factor) / factor**2
-            mask_factor = factor * downsample
-            counts = windows(
-                block_sum(mask_band[:, :, None], mask_factor), input_size, stride // factor
-            )
-            tumor_counts = counts.sum(axis=(1, 2, 3))
-            mask_patches = counts[:, 0] / mask_factor**2
+            pooled = mean_from_sums(sums, factor**2, dtype)
+            patches = windows(pooled, input_size, step)
+            counts = windows(_mask_sums(mask_band, mask_factor), input_size, step)
+            tumor_counts = counts.sum(axis=(1, 2))
+            scaled = counts.astype(np.uint32) * 255
+            mask_patches = mean_from_sums(scaled, mask_factor**2, np.dtype(np.uint8))
         else:
-            patches = area_resize(crops(band, grid.xs, size), input_size)
+            patches = to_dtype(area_resize(crops(band, grid.xs, size), input_size), dtype)
             mask_crops = crops(mask_band[:, :, None], grid.xs * downsample, full)
             tumor_counts = mask_crops.sum(axis=(1, 2, 3))
-            mask_patches = area_resize(mask_crops, input_size)[:, 0]
-        pixel_out.write(to_dtype(patches, reader.dtype).tobytes())
-        mask_out.write(tumor_mask_uint8(mask_patches).tobytes())
+            mask_patches = tumor_mask_uint8(area_resize(mask_crops, input_size)[:, 0])
+        pixel_out.write(np.ascontiguousarray(patches).tobytes())
+        mask_out.write(np.ascontiguousarray(mask_patches).tobytes())
         tumor[row] = tumor_counts / full**2
         if want_thumbnail and len(fresh):
             if reuse_pooled:
@@ -164,5 +257,5 @@ def tile_image(
         on_band()
     thumbnail = None
     if want_thumbnail:
-        thumbnail = to_dtype(np.concatenate(thumb_parts), reader.dtype)
+        thumbnail = to_dtype(np.concatenate(thumb_parts), dtype)
     return TiledImage(tumor.reshape(-1), thumbnail, thumb_factor * downsample)

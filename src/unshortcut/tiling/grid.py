@@ -108,7 +108,8 @@ def thumbnail_factor(size: int, stride: int, height: int, width: int) -> int:
 def _accumulators(dtype: np.dtype, factor: int) -> tuple[type, type]:
     """Exact accumulator dtypes for summing ``factor`` rows, then ``factor`` columns."""
     if dtype == np.bool_ or (dtype.kind == "u" and dtype.itemsize == 1):
-        return (np.uint16 if factor <= 257 else np.uint32), np.uint32
+        row_acc = np.uint16 if factor <= 257 else np.uint32
+        return row_acc, (np.uint16 if factor <= 16 else np.uint32)
     if dtype.kind == "u":
         return np.uint64, np.uint64
     if dtype.kind == "i":
@@ -138,9 +139,25 @@ def block_sum(values: np.ndarray, factor: int) -> np.ndarray:
 
 
 def windows(pooled: np.ndarray, input_size: int, step: int) -> np.ndarray:
-    """(S, w, C) pooled band -> (cols, C, S, S) views of patches every ``step`` columns."""
+    """Pooled band (S, w[, C]) -> views of patches (cols[, C], S, S) every ``step`` columns."""
     view = np.lib.stride_tricks.sliding_window_view(pooled, input_size, axis=1)[:, ::step]
-    return view.transpose(1, 2, 0, 3)
+    return view.transpose(1, 2, 0, 3) if pooled.ndim == 3 else view.transpose(1, 0, 2)
+
+
+def mean_from_sums(sums: np.ndarray, count: int, dtype: np.dtype) -> np.ndarray:
+    """Block means from exact block sums, in ``dtype``.
+
+    Integer pixels are rounded half up in integer arithmetic, exact and cheap; floating
+    point pixels are divided.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uib":
+        return (sums / count).astype(dtype)
+    if sums.size and int(sums.max()) > np.iinfo(sums.dtype).max - count // 2:
+        sums = sums.astype(np.int64)  # room for the rounding offset
+    if count & (count - 1) == 0:  # a power of two: shift instead of dividing
+        return ((sums + count // 2) >> (count.bit_length() - 1)).astype(dtype)
+    return ((sums + count // 2) // count).astype(dtype)
 
 
 def crops(band: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
@@ -160,17 +177,17 @@ def area_resize(patches: np.ndarray, input_size: int) -> np.ndarray:
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Averaged pixels back in the source dtype: integers rounded (half to even), clipped."""
+    """Averaged pixels back in the source dtype: integers rounded half up and clipped."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
+        values = np.clip(np.floor(values + 0.5), info.min, info.max)
     return values.astype(dtype)
 
 
 def tumor_mask_uint8(fractions: np.ndarray) -> np.ndarray:
-    """Per-input-pixel tumor fraction stored as uint8 = round(255 * fraction)."""
-    return np.clip(np.rint(fractions * 255.0), 0, 255).astype(np.uint8)
+    """Per-input-pixel tumor fraction stored as uint8 = round(255 * fraction), half up."""
+    return np.clip(np.floor(fractions * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
 def labels_from_fractions(

@@ -32,6 +32,7 @@ from unshortcut.tiling.patchset import (
     MANIFEST_FILE,
     MASKS_FILE,
     PIXELS_FILE,
+    REQUIRED_COLUMNS,
     SPLITS,
     TABLE_FILE,
     NpyAppender,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from unshortcut.tiling.tissue import TissueMask
 
 DEFAULT_MIN_TISSUE = 0.05
+#: Columns patchify computes; metadata.csv may not define them.
+_PATCH_COLUMNS = ("patch_id", "x", "y", "size", "level", "tumor_fraction", "tissue_ratio", "label")
 #: A pyramid level at most this long a side is used for tissue detection as it is.
 PYRAMID_THUMBNAIL_SIDE = 4096
 # Patches are compacted from the temporary store this many at a time.
@@ -379,8 +382,17 @@ def _assemble_table(
             f"--min-tissue: no patch holds at least {config.min_tissue:.0%} tissue; lower it"
         )
     meta_columns = [c for c in _columns(metadata) if c != "image_id"]
+    reserved = sorted(set(meta_columns) & set(_PATCH_COLUMNS))
+    if reserved:
+        raise UnshortcutError(
+            f"metadata.csv: column(s) {', '.join(reserved)} are patch attributes computed by "
+            "patchify; rename them"
+        )
+    if "synthetic" in meta_columns:  # a generator may mark its own images
+        table = table.drop(columns="synthetic")
     if metadata is not None:
         table = table.merge(metadata, on="image_id", how="left", validate="many_to_one")
+        table["synthetic"] = table["synthetic"].astype(bool)
     if "patient_id" in meta_columns:
         patient = table["patient_id"].astype("string")
         table["patient_id"] = patient.fillna(table["image_id"].astype("string")).astype(str)
@@ -394,8 +406,7 @@ def _assemble_table(
         table["split"] = draw_splits(
             units, table["label"].to_numpy(), config.split_fractions, config.seed
         )
-    first = ["patch_id", "image_id", "patient_id", "split", "x", "y", "size", "level",
-             "tumor_fraction", "tissue_ratio", "label", "synthetic"]  # fmt: skip
+    first = list(REQUIRED_COLUMNS)
     rest = [c for c in table.columns if c not in first]
     return table[first + rest]
 
