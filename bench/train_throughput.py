@@ -12,7 +12,8 @@ batch comes from:
 The patch set is written directly with numpy under ``bench/work/`` (ignored by git).
 Rounds alternate the variants so that load on a shared machine hits them alike; the
 table reports the median images/s. Floor: the loader costs < 10% (ratio >= 0.90).
-Usage: ``python bench/train_throughput.py [--size 64] [--batch 64] [--n 4096] [--rounds 3]``.
+Usage: ``python bench/train_throughput.py [--size 64] [--batch 64] [--n 2560] [--rounds 3]
+[--threads T]``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def write_patch_set(path: Path, n: int, size: int, channels: int = 3) -> Path:
     rng = np.random.default_rng(0)
     path.mkdir(parents=True, exist_ok=True)
     label = rng.integers(2, size=n)
-    split = np.where(np.arange(n) < 0.8 * n, "train", np.where(np.arange(n) < 0.9 * n, "val", "test"))
-    pixels = np.lib.format.open_memmap(path / "pixels.npy", "w+", np.uint8, (n, channels, size, size))
+    split = np.where(
+        np.arange(n) < 0.8 * n, "train", np.where(np.arange(n) < 0.9 * n, "val", "test")
+    )
+    pixels = np.lib.format.open_memmap(
+        path / "pixels.npy", "w+", np.uint8, (n, channels, size, size)
+    )
     for start in range(0, n, 1024):
         stop = min(start + 1024, n)
         pixels[start:stop] = rng.integers(0, 256, (stop - start, channels, size, size), np.uint8)
@@ -115,7 +120,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     patches = write_patch_set(WORK / f"patches-{args.n}-{args.size}", args.n, args.size)
     config = TrainConfig(

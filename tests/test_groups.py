@@ -263,3 +263,14 @@ def test_unseen_category_in_a_later_split() -> None:
     assert str(info.value) == (
         "test split: column 'site' has value(s) C not seen in the training split (known: A, B)"
     )
+
+
+def test_attribute_none_groups_are_the_classes() -> None:
+    table = pd.DataFrame({"label": [0, 1, 1, 0, 1], "tissue_ratio": [1.0] * 5})
+    assert parse_attribute_specs(["none"], []) == []
+    scheme = fit_groups(table, parse_attribute_specs(["none"], []))
+    assert scheme.group_names == ("non-tumor|all", "tumor|all")
+    assert scheme.group_index(table).tolist() == [0, 1, 1, 0, 1]
+    assert GroupScheme.from_dict(scheme.to_dict()).group_names == scheme.group_names
+    with pytest.raises(UnshortcutError, match="--attribute none has no thresholds"):
+        parse_attribute_specs(["none"], [0.5])

@@ -217,6 +217,8 @@ def train_command(
     Groups are the label crossed with attribute bins fitted on the training split; the
     checkpoint is chosen on validation data only and the test split is scored once.
     """
+    import warnings
+
     from unshortcut.config import load_config, parse_hp
     from unshortcut.evaluate import open_run, results_tables
     from unshortcut.train import train
@@ -237,7 +239,11 @@ def train_command(
         select_by=select_by,
         device=device,
     )
-    run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    for warning in caught:
+        error_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
     for table in results_tables(open_run(run).metrics, f"{settings.method} ({run})"):
         console.print(table)
 

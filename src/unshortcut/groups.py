@@ -68,6 +68,13 @@ class AttributeSpec:
             raise ValueError(f"{self.column}: thresholds must be distinct and increasing")
 
 
+NO_ATTRIBUTE = "none"
+"""``--attribute none``: no nuisance attribute, one bin per class."""
+
+NO_ATTRIBUTE_BIN = "all"
+"""Name of the single attribute bin when there is no attribute (groups ``tumor|all``)."""
+
+
 def parse_attribute_specs(attributes: Sequence[str], taus: Sequence[float]) -> list[AttributeSpec]:
     """Read ``--attribute`` values; ``--tau`` values apply to every bare name.
 
@@ -75,8 +82,14 @@ def parse_attribute_specs(attributes: Sequence[str], taus: Sequence[float]) -> l
     the column turns out non-numeric), ``tissue_ratio:0.3,0.6`` (inline thresholds),
     ``tissue_ratio:q4`` (training-split quartiles), ``site:cat`` (categorical).
     No attribute means ``tissue_ratio``. Several attributes give intersectional groups.
+    ``none`` alone gives groups that are the classes (data with no nuisance attribute,
+    such as a control set without glass).
     """
     taus_t = _checked_thresholds(taus, "--tau")
+    if list(attributes) == [NO_ATTRIBUTE]:
+        if taus_t:
+            raise UnshortcutError("--tau: --attribute none has no thresholds")
+        return []
     specs = [_parse_one(text, taus_t) for text in (attributes or [DEFAULT_ATTRIBUTE])]
     columns = [spec.column for spec in specs]
     repeated = sorted({c for c in columns if columns.count(c) > 1})
@@ -228,6 +241,8 @@ class GroupScheme:
 
     @cached_property
     def attribute_names(self) -> tuple[str, ...]:
+        if not self.attributes:
+            return (NO_ATTRIBUTE_BIN,)
         return tuple("&".join(parts) for parts in product(*(a.bin_names for a in self.attributes)))
 
     @cached_property
@@ -303,8 +318,6 @@ def fit_groups(
     ``train_table`` must hold the training split only: quantile edges and category
     lists come from it. ``source`` names the data in error messages.
     """
-    if not specs:
-        raise ValueError("fit_groups needs at least one AttributeSpec")
     scheme = GroupScheme(
         attributes=tuple(_fit_attribute(train_table, spec, source) for spec in specs),
         label_column=label_column,

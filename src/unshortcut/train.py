@@ -137,8 +137,8 @@ def load_run_data(
         labels = scheme.labels(tables[s], f"{source} ({s} split)")
         if s != "train" and len(np.unique(labels)) < scheme.n_classes:
             warnings.warn(
-                f"{source}: the {s} split holds one class only; metrics that need both "
-                "classes (AUROC, balanced accuracy) are reported as null",
+                f"{source}: the {s} split holds one class only; AUROC and robust AUROC "
+                "are reported as null and balanced accuracy covers that class alone",
                 stacklevel=2,
             )
         grouped[s] = GroupedSplit(
@@ -447,7 +447,7 @@ def _weights(model: nn.Module, method: Method, epoch: int) -> dict[str, Any]:
 
 
 @contextmanager
-def _reproducible(config: TrainConfig, device: torch.device) -> Iterator[None]:
+def reproducible(config: TrainConfig, device: torch.device) -> Iterator[None]:
     """Deterministic kernels, fixed thread count, and no leak of RNG state to the caller."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -513,8 +513,8 @@ class _Progress:
 # --------------------------------------------------------------------------- train
 
 
-def _prepare_folder(config: TrainConfig, resume: bool, overwrite: bool) -> bool:
-    """Make ``config.out`` ready; True when there is a checkpoint to resume from."""
+def _check_folder(config: TrainConfig, resume: bool, overwrite: bool) -> bool:
+    """Refuse unusable run folders (no side effects); True when there is a checkpoint."""
     out = config.out
     if resume and overwrite:
         raise UnshortcutError("--resume and --overwrite exclude each other")
@@ -531,20 +531,20 @@ def _prepare_folder(config: TrainConfig, resume: bool, overwrite: bool) -> bool:
             for k in current
             if k not in RESUME_FREE_FIELDS and k != "hp" and saved.get(k) != current[k]
         )
+        # Saved hyperparameters are resolved (defaults filled in); compare those given.
+        if any(saved.get("hp", {}).get(k) != v for k, v in config.hp.items()):
+            differ.append("hp")
         if differ:
             raise UnshortcutError(
                 f"{out}: --resume with settings that differ from the run's config.json "
                 f"({', '.join(differ)})"
             )
         return (out / "checkpoints" / "last.pt").is_file()
-    if used:
-        if not overwrite:
-            raise UnshortcutError(
-                f"{out}: already holds files (pass --resume to continue the run there "
-                "or --overwrite to replace it)"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if used and not overwrite:
+        raise UnshortcutError(
+            f"{out}: already holds files (pass --resume to continue the run there "
+            "or --overwrite to replace it)"
+        )
     return False
 
 
@@ -562,13 +562,18 @@ def train(
     report progress with it; tests kill runs with it).
     """
     device = resolve_device(config.device)
-    has_checkpoint = _prepare_folder(config, resume, overwrite)
+    has_checkpoint = _check_folder(config, resume, overwrite)
     run = config.out
-    with _reproducible(config, device):
+    with reproducible(config, device):
         data = load_run_data(config.patches, device=device, splits=("train", "val"), config=config)
         ctx = LoopContext(config, data, device)
         method = get_method(config.method)(ctx, **config.hp)
         model = ctx.new_model()
+        # Bad input has been refused by now: only then is an old run replaced.
+        if not resume:
+            if overwrite and run.exists():
+                shutil.rmtree(run)
+            run.mkdir(parents=True, exist_ok=True)
         extra = method.extra_modules()
         if extra is not None:
             extra.to(device)
@@ -596,20 +601,28 @@ def train(
             epochs_task = bar.task("epochs", config.epochs, completed=start)
             for epoch in range(start, config.epochs):
                 steps_task = bar.task(f"epoch {epoch}", method.steps_per_epoch())
-                loss = train_epoch(
-                    model,
-                    method,
-                    data.loaders["train"],
-                    optimizer,
-                    epoch=epoch,
-                    seed=config.seed,
-                    stream=_MAIN,
-                    augmentation=ctx.augmentation,
-                    prefetch=config.prefetch,
-                    on_step=lambda done, total, t=steps_task: bar.update(
-                        t, completed=done, total=total
-                    ),
-                )
+                try:
+                    loss = train_epoch(
+                        model,
+                        method,
+                        data.loaders["train"],
+                        optimizer,
+                        epoch=epoch,
+                        seed=config.seed,
+                        stream=_MAIN,
+                        augmentation=ctx.augmentation,
+                        prefetch=config.prefetch,
+                        on_step=lambda done, total, t=steps_task: bar.update(
+                            t, completed=done, total=total
+                        ),
+                    )
+                except TrainingDiverged as error:
+                    kept = (
+                        f"the last good checkpoint (epoch {epoch - 1}) is {run}/checkpoints/last.pt"
+                        if epoch
+                        else "no epoch finished, so there is no checkpoint"
+                    )
+                    raise TrainingDiverged(f"{run}: {error}; {kept}") from None
                 method.on_epoch_end(epoch, model)
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
