@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -49,3 +50,14 @@ def test_method_trains_end_to_end(name: str, patches: Path, tmp_path: Path) -> N
         assert len(state["error_set"]) > 0
     if name == "groupdro":
         assert float(state["q"].sum()) == pytest.approx(1.0)
+    n_val = len(pd.read_parquet(run / "predictions" / "val.parquet"))
+    if name == "gerne_unknown":
+        report = metrics["method_report"]["pseudo_groups"]
+        assert report == {k: state["report"][k] for k in report}
+    if name == "dfr":
+        # DFR fits its head on half of the validation images: selection and the
+        # reported validation metrics use only the other half.
+        assert 0 < metrics["val_rows_scored"] < n_val
+        assert metrics["val"]["n"] == metrics["val_rows_scored"]
+    else:
+        assert metrics["val_rows_scored"] == n_val == metrics["val"]["n"]

@@ -18,6 +18,7 @@ from unshortcut.cli import app
 from unshortcut.config import CRITERIA, TrainConfig, load_config, parse_hp
 from unshortcut.errors import UnshortcutError
 from unshortcut.evaluate import evaluate_run, load_model, open_run
+from unshortcut.methods import method_names
 from unshortcut.methods.erm import ERM
 from unshortcut.train import LoopContext, load_run_data, reproducible, train
 
@@ -315,3 +316,20 @@ def test_cli_train_then_evaluate_prints_tables(patches: Path, tmp_path: Path) ->
     result = CliRunner().invoke(app, ["evaluate", str(out), "--bootstrap", "10"])
     assert result.exit_code == 0, result.output
     assert (out / "evaluation" / "patches" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_registered_method_trains_and_resumes_exactly(
+    name: str, patches: Path, tmp_path: Path
+) -> None:
+    config = _config(patches, tmp_path / "whole", method=name, epochs=2, bootstrap=0)
+    whole = train(config, progress=False)
+
+    def crash(epoch: int) -> None:
+        raise KeyboardInterrupt("killed")
+
+    resumed = config.model_copy(update={"out": tmp_path / "resumed"})
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, progress=False, on_epoch_end=crash)
+    train(resumed, resume=True, progress=False)
+    assert _read(resumed.out / "metrics.json") == _read(whole / "metrics.json")

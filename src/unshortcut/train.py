@@ -279,6 +279,9 @@ class LoopContext:
         self.augmentation = Augmentation() if config.augment else None
         self._models = 0
         self._auxiliaries = 0
+        # Validation rows scored for selection and metrics: all of them, unless the
+        # method trains on some (DFR fits its head on half of the validation images).
+        self.val_rows: np.ndarray | None = None
 
     def new_model(self) -> Classifier:
         """A fresh model; the n-th call of a run always gets the same initial weights."""
@@ -304,7 +307,9 @@ class LoopContext:
     def validation_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Validation metrics without bootstrap (cheap enough for every epoch)."""
         probs = self.predict(model, "val")
-        return score_split(self.data, "val", probs, bootstrap=0, seed=self.seed)
+        return score_split(
+            self.data, "val", probs, bootstrap=0, seed=self.seed, rows=self.val_rows
+        )
 
     def fit_auxiliary(
         self,
@@ -357,10 +362,23 @@ class LoopContext:
 
 
 def score_split(
-    data: RunData, split: str, probs: np.ndarray, *, bootstrap: int, seed: int
+    data: RunData,
+    split: str,
+    probs: np.ndarray,
+    *,
+    bootstrap: int,
+    seed: int,
+    rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``split`` (see unshortcut.metrics) plus the mean cross-entropy "loss"."""
+    """Metrics of ``split`` (see unshortcut.metrics) plus the mean cross-entropy "loss".
+
+    ``rows`` restricts scoring to those rows of the split (validation rows a method
+    did not train on); default all.
+    """
     grouped = data.splits[split]
+    if rows is not None:
+        grouped = grouped.subset(rows)
+        probs = probs[rows]
     metrics = evaluate_predictions(
         labels=grouped.labels,
         scores=probs[:, 1],
@@ -375,6 +393,14 @@ def score_split(
     picked = probs[np.arange(len(grouped.labels)), grouped.labels]
     metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
     return metrics
+
+
+def _selection_rows(method: Method, n_val: int) -> np.ndarray | None:
+    """Validation rows left for selection once the method's own rows are removed."""
+    reserved = method.reserved_val_rows()
+    if not len(reserved):
+        return None
+    return np.setdiff1d(np.arange(n_val), reserved)
 
 
 def predictions_table(data: RunData, split: str, probs: np.ndarray) -> pd.DataFrame:
@@ -568,6 +594,7 @@ def train(
         data = load_run_data(config.patches, device=device, splits=("train", "val"), config=config)
         ctx = LoopContext(config, data, device)
         method = get_method(config.method)(ctx, **config.hp)
+        ctx.val_rows = _selection_rows(method, len(ctx.val))
         model = ctx.new_model()
         # Bad input has been refused by now: only then is an old run replaced.
         if not resume:
@@ -752,7 +779,14 @@ def _finish(
         by_epoch[epoch] = {
             "probs": probs,
             "metrics": {
-                s: score_split(ctx.data, s, probs[s], bootstrap=config.bootstrap, seed=config.seed)
+                s: score_split(
+                    ctx.data,
+                    s,
+                    probs[s],
+                    bootstrap=config.bootstrap,
+                    seed=config.seed,
+                    rows=ctx.val_rows if s == "val" else None,
+                )
                 for s in ("val", "test")
             },
         }
@@ -771,5 +805,7 @@ def _finish(
         "by_criterion": {c: {"epoch": e, **by_epoch[e]["metrics"]} for c, e in epochs.items()},
         "group_names": list(ctx.data.scheme.group_names),
         "attribute_names": list(ctx.data.scheme.attribute_names),
+        "val_rows_scored": len(ctx.val) if ctx.val_rows is None else len(ctx.val_rows),
+        "method_report": method.run_report(),
     }
     _write_json(run / "metrics.json", jsonable(metrics))

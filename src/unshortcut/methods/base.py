@@ -81,6 +81,16 @@ class GroupedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: np.ndarray) -> GroupedSplit:
+        """The given rows only (e.g. validation rows a method did not train on)."""
+        return GroupedSplit(
+            self.labels[rows],
+            self.attributes[rows],
+            self.image_ids[rows],
+            self.n_classes,
+            self.n_attributes,
+        )
+
     def group_counts(self) -> np.ndarray:
         """Rows per group, shape ``(n_groups,)``."""
         return np.bincount(self.groups, minlength=self.n_groups)
@@ -215,6 +225,10 @@ class Method:
         """Validation rows this method trains on (DFR); the loop scores validation
         (selection and metrics) on the other rows only. Fixed from construction on."""
         return np.zeros(0, dtype=np.int64)
+
+    def run_report(self) -> dict[str, Any]:
+        """Facts about the method's own work, written to metrics.json (``method_report``)."""
+        return {}
 
     def extra_modules(self) -> nn.Module | None:
         """Trainable modules besides the model (optimised and checkpointed with it)."""

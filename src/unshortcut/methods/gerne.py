@@ -256,6 +256,10 @@ class GERNEUnknown(GERNE):
             raise RuntimeError("gerne_unknown: prepare() must run before sampling")
         return self.ctx.train.with_attributes(self.pseudo, 2)
 
+    def run_report(self) -> dict[str, Any]:
+        """Precision/recall of the pseudo-minority against the true minority groups."""
+        return {"pseudo_groups": dict(self.report)}
+
     def state_dict(self) -> dict[str, Any]:
         pseudo = None if self.pseudo is None else torch.from_numpy(self.pseudo)
         return {"pseudo_attributes": pseudo, "report": dict(self.report)}
