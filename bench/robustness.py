@@ -14,7 +14,7 @@ Every run has its own folder ``<work>/<dataset>/tau<tau>/<method>/trial<k>-seed<
 and is skipped when its ``metrics.json`` exists (after checking it was trained with the
 same settings); a folder with a checkpoint but no metrics is resumed, one without a
 checkpoint restarted, so a crashed or timed-out experiment continues where it stopped.
-Patch sets are built once under ``bench/work/data/<dataset>/``.
+Patch sets are built once and cached under ``bench/work/data/``.
 
 Usage: python bench/robustness.py [--dataset synth|layouts|camelyon16] [--trials N]
        [--seeds S] [--methods erm gerne ...] [--taus 0.5 0.75] [--epochs 12] ...
@@ -31,6 +31,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from unshortcut.search import Protocol, Trial, random_trials, read_run, select_b
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
+from unshortcut.tiling.patchset import PatchSet
 from unshortcut.train import TrainingDiverged, load_run_data, resolve_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +176,7 @@ class Runner:
     expected: int
     log: Callable[[str], None] = print
     runs: dict[Path, dict[str, Any]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
     start: float = field(default_factory=time.monotonic)
 
     def folder(self, method: str, tau: float, trial: int, seed: int) -> Path:
@@ -205,11 +208,18 @@ class Runner:
             _same_settings(run, config)
         else:
             resume = (run / "checkpoints" / "last.pt").is_file()
-            try:
-                train(config, resume=resume, overwrite=not resume, progress=False)
-            except TrainingDiverged as error:
-                atomic_write_text(run / DIVERGED, f"{error}\n")
+            # Every run repeats the data warnings (one-class split...): show each text once.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    train(config, resume=resume, overwrite=not resume, progress=False)
+                except TrainingDiverged as error:
+                    atomic_write_text(run / DIVERGED, f"{error}\n")
             seconds = time.monotonic() - began
+            for warning in caught:
+                if str(warning.message) not in self.warned:
+                    self.warned.add(str(warning.message))
+                    self.log(f"warning: {warning.message}")
         self.runs[run] = {
             "method": trial.method,
             "tau": tau,
@@ -235,6 +245,15 @@ class Runner:
             f"trial {info['trial']} seed {info['seed']}: {outcome} ({took}; "
             f"elapsed {_clock(total)})"
         )
+
+
+def split_counts(patches: Path) -> dict[str, dict[str, int]]:
+    table = PatchSet.open(patches).table
+    counts = {}
+    for split in ("train", "val", "test"):
+        labels = table.loc[table["split"] == split, "label"]
+        counts[split] = {"patches": len(labels), "tumor": int(labels.sum())}
+    return counts
 
 
 def _clock(seconds: float) -> str:
@@ -355,6 +374,7 @@ def run_experiment(
     return {
         "settings": asdict(settings),
         "patches": str(patches),
+        "counts": split_counts(patches),
         "rows": rows,
         "checkpoint_selection": selection_rows,
         "floors": floors(rows),
@@ -422,6 +442,13 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
         f"model {s['model']}, bootstrap {s['bootstrap']}; patch set `{result['patches']}`. "
         "Test metrics in %, mean ± std over seeds, at the checkpoint selected by the same "
         "validation criterion as the trial.",
+        "",
+        "Patches per split (tumor / non-tumor): "
+        + ", ".join(
+            f"{split} {c['patches']} ({c['tumor']} / {c['patches'] - c['tumor']})"
+            for split, c in result["counts"].items()
+        )
+        + ".",
         "",
     ]
     titles = {

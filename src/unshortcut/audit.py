@@ -93,8 +93,15 @@ def plot_attribute_distributions(table: pd.DataFrame, columns: list[str], path: 
     for ax, column in zip(axes[0], numeric, strict=True):
         for label, name, colour in ((0, "non-tumor", "#4c72b0"), (1, "tumor", "#dd8452")):
             values = train.loc[train["label"] == label, column]
-            ax.hist(values, bins=20, range=(0, 1) if column.endswith("ratio") else None,
-                    alpha=0.6, density=True, label=f"{name} (n={len(values)})", color=colour)
+            ax.hist(
+                values,
+                bins=20,
+                range=(0, 1) if column.endswith("ratio") else None,
+                alpha=0.6,
+                density=True,
+                label=f"{name} (n={len(values)})",
+                color=colour,
+            )
         ax.set_xlabel(column)
         ax.set_ylabel("density (train)")
         ax.legend(frameon=False, fontsize=8)

@@ -307,9 +307,7 @@ class LoopContext:
     def validation_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Validation metrics without bootstrap (cheap enough for every epoch)."""
         probs = self.predict(model, "val")
-        return score_split(
-            self.data, "val", probs, bootstrap=0, seed=self.seed, rows=self.val_rows
-        )
+        return score_split(self.data, "val", probs, bootstrap=0, seed=self.seed, rows=self.val_rows)
 
     def fit_auxiliary(
         self,
