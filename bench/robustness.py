@@ -89,7 +89,6 @@ class Settings:
     seeds: int = 3
     epochs: int = 12
     batch_size: int = 64
-    lr: float = 0.01
     model: str = TrainConfig.model_fields["model"].default
     bootstrap: int = 200
     threads: int | None = None
@@ -197,7 +196,7 @@ class Runner:
             seed=seed,
             epochs=s.epochs,
             batch_size=s.batch_size,
-            lr=s.lr,
+            **trial.training,
             model=s.model,
             bootstrap=s.bootstrap,
             num_threads=s.threads,
@@ -225,7 +224,7 @@ class Runner:
             "tau": tau,
             "trial": trial.index,
             "seed": seed,
-            "hparams": dict(trial.hparams),
+            "hparams": dict(trial.hparams) | dict(trial.training),
             "seconds": seconds,
         }
         self._report(run, seconds)
@@ -290,7 +289,7 @@ def summarize(trial: Trial, tau: float, protocol: Protocol, runs: list[Path]) ->
         "protocol": protocol.name,
         "criterion": protocol.criterion,
         "trial": trial.index,
-        "hparams": dict(trial.hparams),
+        "hparams": dict(trial.hparams) | dict(trial.training),
         "seeds_finished": len(done),
         "seeds_run": len(runs),
         "runs": [str(run) for run in runs],
@@ -438,7 +437,8 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
         "",
         f"Every method gets {s['trials']} random hyperparameter trials (`unshortcut.search`, "
         f"trial 0 = defaults) at seed 0, then {s['seeds']} seeds of the trial chosen on "
-        f"validation only; epochs {s['epochs']}, batch size {s['batch_size']}, lr {s['lr']}, "
+        f"validation only; epochs {s['epochs']}, batch size {s['batch_size']}, "
+        "learning rate and weight decay searched with the method's own hyperparameters, "
         f"model {s['model']}, bootstrap {s['bootstrap']}; patch set `{result['patches']}`. "
         "Test metrics in %, mean ± std over seeds, at the checkpoint selected by the same "
         "validation criterion as the trial.",
@@ -549,7 +549,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=defaults.seeds, help="seeds of the chosen trial")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--bootstrap", type=int, default=defaults.bootstrap)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
@@ -576,7 +575,6 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
         model=args.model,
         bootstrap=args.bootstrap,
         threads=args.threads,

@@ -102,7 +102,13 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
         ("erm", 0.75),
         ("gerne", 0.75),
     ]
-    assert known[1]["hparams"] == {"c": 0.5, "beta": 0.5, "bn": "shared"}  # trial 0: defaults
+    assert known[1]["hparams"] == {  # trial 0: the defaults
+        "c": 0.5,
+        "beta": 0.5,
+        "bn": "shared",
+        "lr": 0.01,
+        "weight_decay": 1e-4,
+    }
     for row in result["rows"]:
         run = Path(row["runs"][0])
         assert run == work / f"tau{row['tau']:g}" / row["method"] / "trial0-seed0"

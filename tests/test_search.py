@@ -113,3 +113,19 @@ def test_selection_refuses_unfinished_runs(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     with pytest.raises(UnshortcutError, match="not a finished run"):
         select_best([tmp_path / "run"])
+
+
+def test_every_method_searches_the_shared_training_hyperparameters() -> None:
+    from unshortcut.config import TrainConfig
+    from unshortcut.search import TRAINING_HPARAMS
+
+    trials = random_trials("erm", 4, base_seed=0)
+    defaults = {k: TrainConfig.model_fields[k].default for k in TRAINING_HPARAMS}
+    assert trials[0].training == defaults == {"lr": 0.01, "weight_decay": 1e-4}
+    drawn = [t.training for t in trials[1:]]
+    assert len({t["lr"] for t in drawn}) == 3  # ERM has no own hparams: trials still differ
+    for t in drawn:
+        assert 1e-3 <= t["lr"] <= 5e-2 and 1e-6 <= t["weight_decay"] <= 1e-2
+    assert [t.training for t in random_trials("erm", 4, base_seed=0)] == [
+        t.training for t in trials
+    ]

@@ -6,6 +6,11 @@ generator seeded by a stable hash of ``(m, i, base_seed, h)``. Adding trials, or
 hyperparameter to a method, leaves every other drawn value unchanged. Trial 0 holds the
 defaults.
 
+Every trial also draws the training hyperparameters shared by all methods
+(``TRAINING_HPARAMS``: learning rate and weight decay), so methods without
+hyperparameters of their own (ERM, resampling, ...) are tuned with the same budget
+as the others instead of repeating one configuration.
+
 Selection follows the 2 x 2 protocol (training attributes known or not, validation
 attributes known or not): with validation attributes the criterion is
 worst_group_accuracy, without them worst_class_accuracy; methods that read training
@@ -30,6 +35,12 @@ from unshortcut.methods import GroupedSplit, HParam, get_method
 
 MAX_REDRAWS = 100
 
+TRAINING_HPARAMS: dict[str, HParam] = {
+    "lr": HParam(0.01, 1e-3, 5e-2, log=True, help="learning rate"),
+    "weight_decay": HParam(1e-4, 1e-6, 1e-2, log=True, help="weight decay"),
+}
+"""Training settings searched for every method; defaults equal TrainConfig's."""
+
 
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from the text of ``parts`` (md5: identical across runs and machines)."""
@@ -50,6 +61,9 @@ class Trial:
     index: int
     seed: int
     hparams: dict[str, Any] = field(hash=False)
+    training: dict[str, Any] = field(
+        hash=False, default_factory=lambda: {k: h.default for k, h in TRAINING_HPARAMS.items()}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,16 +71,18 @@ class Trial:
             "index": self.index,
             "seed": self.seed,
             "hparams": dict(self.hparams),
+            "training": dict(self.training),
         }
 
 
-def _draw(method: str, trial: int, base_seed: int, attempt: int) -> dict[str, Any]:
-    cls = get_method(method)
+def _draw(
+    method: str, trial: int, base_seed: int, attempt: int, hparams: dict[str, HParam]
+) -> dict[str, Any]:
     if trial == 0 and attempt == 0:
-        return {name: h.default for name, h in cls.hparams.items()}
+        return {name: h.default for name, h in hparams.items()}
     return {
         name: h.sample(np.random.default_rng(stable_seed(method, trial, base_seed, name, attempt)))
-        for name, h in cls.hparams.items()
+        for name, h in hparams.items()
     }
 
 
@@ -91,7 +107,7 @@ def random_trials(
     trials = []
     for index in range(n_trials):
         for attempt in range(MAX_REDRAWS):
-            hp = _draw(method, index, base_seed, attempt)
+            hp = _draw(method, index, base_seed, attempt, get_method(method).hparams)
             if _feasible(method, hp, train):
                 break
         else:
@@ -99,7 +115,8 @@ def random_trials(
                 f"search: no feasible hyperparameters for {method!r} in {MAX_REDRAWS} draws "
                 "on this training data"
             )
-        trials.append(Trial(method, index, trial_seed(method, index, base_seed), hp))
+        training = _draw(method, index, base_seed, 0, TRAINING_HPARAMS)
+        trials.append(Trial(method, index, trial_seed(method, index, base_seed), hp, training))
     return trials
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from scipy.ndimage import distance_transform_edt
 
 from unshortcut.errors import UnshortcutError
-from unshortcut.synth.noise import bspline_matrix, field_seed, value_noise
+from unshortcut.synth.noise import field_seed, value_noise
 
 LAYOUT_SUFFIXES = (".png",)
 
@@ -63,18 +64,27 @@ def layout_shape(labels: np.ndarray, size: int) -> tuple[int, int]:
     return (max(1, round(labels.shape[0] * scale)), max(1, round(labels.shape[1] * scale)))
 
 
-def _smooth_upsample(coords: np.ndarray, cell: float, axis_len: int) -> np.ndarray:
-    """B-spline weights from cell centres to pixel ``coords``, clamped at the edges."""
-    weights, first = bspline_matrix(coords - 0.5 * cell, cell)
-    columns = np.clip(np.arange(first, first + weights.shape[1]), 0, axis_len - 1)
-    folded = np.zeros((coords.size, axis_len), dtype=np.float32)
-    np.add.at(folded.T, columns, weights.T)
-    return folded
+_MAX_SHIFT = 0.4
+"""Largest border displacement, in layout cells. Below half a cell, so the centre of
+every cell keeps its label: no label can appear where the layout has none, and even a
+one-cell tumor survives."""
+_REACH = 16.0
+"""Pixels beyond the largest shift up to which signed distances are exact; farther
+away they are clipped, which keeps the per-window distance transform small while
+soft blends over a few pixels (tumor texture weight) still saturate."""
+_JAGGED = 4.0
+"""Standard deviation (pixels) of the fine border noise, before the bound."""
 
 
 @dataclass(frozen=True)
 class PaintedGeometry:
-    """Tissue and tumor extent from a real layout (one label cell = ``cell`` pixels)."""
+    """Tissue and tumor extent from a real layout (one label cell = ``cell`` pixels).
+
+    Each label region is the nearest-neighbour upscaled layout, whose border is moved
+    by smooth position-keyed noise squashed into +-``_MAX_SHIFT`` cells. A perturbed
+    signed distance, not a smoothed indicator plus unbounded noise, so the painted
+    areas keep the layout's tumor and tissue shares at every size.
+    """
 
     shape: tuple[int, int]
     seed: int
@@ -82,22 +92,53 @@ class PaintedGeometry:
     cell: float
     roughness: float
 
-    def _field(
-        self, indicator: np.ndarray, ys: np.ndarray, xs: np.ndarray, name: str
+    def _cells(self, coords: np.ndarray, axis: int) -> np.ndarray:
+        """Layout row (axis 0) or column (axis 1) under each pixel centre, clamped."""
+        index = np.floor((coords + 0.5) / self.cell).astype(np.int64)
+        return np.clip(index, 0, self.labels.shape[axis] - 1)
+
+    def _signed_distance(
+        self, inside: np.ndarray, ys: np.ndarray, xs: np.ndarray, reach: float
     ) -> np.ndarray:
-        wy = _smooth_upsample(ys, self.cell, indicator.shape[0])
-        wx = _smooth_upsample(xs, self.cell, indicator.shape[1])
-        smooth = wy @ indicator.astype(np.float32) @ wx.T
+        """Pixel distance to the upscaled border of ``inside`` (positive inside), clipped.
+
+        Exact within ``reach``: the transform runs on the window grown by ``reach``,
+        which holds every border point that close, so any tiling gives the same values.
+        """
+        pad = int(np.ceil(reach)) + 1
+        iy = np.rint(ys).astype(np.int64)
+        ix = np.rint(xs).astype(np.int64)
+        gy = np.arange(iy.min() - pad, iy.max() + pad + 1)
+        gx = np.arange(ix.min() - pad, ix.max() + pad + 1)
+        cells = inside[np.ix_(self._cells(gy, 0), self._cells(gx, 1))]
+        if cells.all() or not cells.any():
+            value = reach if cells.flat[0] else -reach
+            return np.full((ys.size, xs.size), value, dtype=np.float32)
+        distance = np.where(
+            cells,
+            distance_transform_edt(cells) - 0.5,
+            0.5 - distance_transform_edt(~cells),
+        )
+        rows, columns = np.ix_(iy - gy[0], ix - gx[0])
+        return np.clip(distance[rows, columns], -reach, reach).astype(np.float32)
+
+    def _field(self, inside: np.ndarray, ys: np.ndarray, xs: np.ndarray, name: str) -> np.ndarray:
+        shift = np.float32(_MAX_SHIFT * self.cell)
         seed = field_seed(self.seed, name)
-        wobble = self.roughness * self.cell * value_noise(ys, xs, 3.0 * self.cell, seed)
-        jagged = 4.0 * value_noise(ys, xs, 10.0, seed + 1)
-        return (smooth - 0.5) * np.float32(self.cell) + wobble + jagged
+        wobble = self.roughness * self.cell * value_noise(ys, xs, _CORR * self.cell, seed)
+        jagged = _JAGGED * value_noise(ys, xs, 10.0, seed + 1)
+        displacement = shift * np.tanh((wobble + jagged) / shift)
+        return self._signed_distance(inside, ys, xs, shift + _REACH) + displacement
 
     def base(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tissue, tumor) signed distances (pixels) around the upscaled layout."""
+        """(tissue, tumor) signed distances (pixels) around the upscaled layout.
+
+        Tumor is cut to tissue, so tumor never lies on glass even where the two
+        borders coincide in the layout but get different noise.
+        """
         tissue = self._field(self.labels >= 1, ys, xs, "layout_tissue")
         tumor = self._field(self.labels == 2, ys, xs, "layout_tumor")
-        return tissue, tumor
+        return tissue, np.minimum(tumor, tissue)
 
 
 def painted_geometry(labels: np.ndarray, size: int, seed: int, roughness: float) -> PaintedGeometry:
