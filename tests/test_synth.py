@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -22,7 +23,7 @@ from unshortcut.synth import (
     plan_dataset,
     synthesize_image,
 )
-from unshortcut.synth.layouts import read_layout
+from unshortcut.synth.layouts import painted_geometry, read_layout
 from unshortcut.synth.noise import value_noise
 
 SMALL = {"images": 2, "size": 512, "tumor_size": 70.0, "tumor_prevalence": 1.0}
@@ -213,6 +214,63 @@ def test_layouts_reproduce_tumor_and_tissue_fractions(shared_data: Path) -> None
     assert image.tumor.mean() == pytest.approx((labels == 2).mean(), rel=0.25)
     assert image.tissue.mean() == pytest.approx((labels >= 1).mean(), rel=0.35)
     assert not (image.tumor & ~image.tissue).any()
+
+
+def _painted(labels: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, tumor) masks of a layout painted at ``size``, before gaps are carved."""
+    geometry = painted_geometry(labels, size, seed, make_config().border_roughness)
+    ys, xs = (np.arange(n, dtype=np.float64) for n in geometry.shape)
+    tissue, tumor = geometry.base(ys, xs)
+    return tissue > 0, tumor > 0
+
+
+def test_painted_layout_without_tumor_has_no_tumor(shared_data: Path) -> None:
+    labels = read_layout(shared_data / "camelyon17-layouts" / "patient_000_node_4_mask.png")
+    assert not (labels == 2).any()
+    tissue, tumor = _painted(labels, 1024)
+    assert not tumor.any()
+    assert tissue.mean() == pytest.approx((labels >= 1).mean(), rel=0.1)
+
+
+@pytest.mark.parametrize("size", [512, 2048])
+@pytest.mark.parametrize("name", ["patient_096_node_0", "patient_044_node_4"])
+def test_painted_layout_keeps_area_fractions(shared_data: Path, name: str, size: int) -> None:
+    labels = read_layout(shared_data / "camelyon17-layouts" / f"{name}_mask.png")
+    tissue, tumor = _painted(labels, size)
+    assert tissue.mean() == pytest.approx((labels >= 1).mean(), rel=0.1)
+    assert tumor.mean() == pytest.approx((labels == 2).mean(), rel=0.1)
+    assert not (tumor & ~tissue).any()
+
+
+def test_painted_border_moves_less_than_half_a_cell() -> None:
+    # 10 x 10 cells of 40 px; tumor reaches the glass on the left and top
+    labels = np.zeros((10, 10), dtype=np.uint8)
+    labels[1:8, 1:9] = 1
+    labels[1:4, 1:5] = 2
+    labels[6, 7] = 2  # a one-cell tumor
+    tissue, tumor = _painted(labels, 400, seed=3)
+    cells = labels[np.ix_(np.arange(400) // 40, np.arange(400) // 40)]
+    for painted, upscaled in ((tissue, cells >= 1), (tumor, cells == 2)):
+        np.testing.assert_array_equal(painted[20::40, 20::40], upscaled[20::40, 20::40])
+        inside = distance_transform_edt(upscaled)
+        outside = distance_transform_edt(~upscaled)
+        moved = painted != upscaled
+        assert moved.mean() > 0.02  # the staircase is rounded and roughened...
+        # ...within 0.4 cell (no two cells here touch only at a corner, where it may be more)
+        assert np.maximum(inside, outside)[moved].max() <= 0.4 * 40 + 1
+    assert not (tumor & ~tissue).any()
+
+
+def test_painted_geometry_does_not_depend_on_the_window() -> None:
+    labels = np.ones((12, 9), dtype=np.uint8)
+    labels[0, :] = 0
+    labels[4:8, 2:6] = 2
+    geometry = painted_geometry(labels, 600, seed=1, roughness=0.35)
+    ys, xs = np.arange(-20.0, 620.0), np.arange(-20.0, 470.0)
+    whole = geometry.base(ys, xs)
+    part = geometry.base(ys[150:410], xs[90:333])
+    for a, b in zip(whole, part, strict=True):
+        np.testing.assert_allclose(b, a[150:410, 90:333], atol=1e-4)
 
 
 def test_value_noise_does_not_depend_on_the_window() -> None:

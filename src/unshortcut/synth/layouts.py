@@ -2,9 +2,11 @@
 
 A layout is a small grey PNG where one pixel stands for one tile of a real slide
 (for example the CAMELYON17 layouts in the shared data). It is scaled up so its
-longest side is the image size; a cubic B-spline over the label indicators rounds
-the staircase of the upscaled cells and position-keyed noise roughens the border,
-so the result keeps the real arrangement of tissue and tumor without looking blocky.
+longest side is the image size (one label cell becomes a square of pixels); the
+borders between labels follow the cells' signed distance, with rounded corners, and
+are moved by position-keyed noise of at most 0.4 cell. The result keeps the real
+arrangement and the real tumor and tissue shares without looking blocky, and a
+layout without tumor paints none.
 """
 
 from __future__ import annotations
@@ -65,25 +67,55 @@ def layout_shape(labels: np.ndarray, size: int) -> tuple[int, int]:
 
 
 _MAX_SHIFT = 0.4
-"""Largest border displacement, in layout cells. Below half a cell, so the centre of
-every cell keeps its label: no label can appear where the layout has none, and even a
-one-cell tumor survives."""
-_REACH = 16.0
-"""Pixels beyond the largest shift up to which signed distances are exact; farther
-away they are clipped, which keeps the per-window distance transform small while
-soft blends over a few pixels (tumor texture weight) still saturate."""
+"""Largest border displacement, in layout cells. Below half a cell, so the middle of
+every cell keeps its label: no label appears where the layout has none, and even a
+one-cell tumor survives (cells of a few pixels or more). Displacements are zero-mean,
+so areas are kept on average."""
+_WOBBLE_CELLS = 1.5
+"""Correlation length of the coarse border noise, in cells: short enough that a
+small tumor's area averages over several independent bumps."""
 _JAGGED = 4.0
-"""Standard deviation (pixels) of the fine border noise, before the bound."""
+"""Standard deviation (pixels) of the fine border noise, before the bound; its
+correlation length is 10 px, or one cell when cells are smaller."""
+
+
+def _cell_signed_distance(inside: np.ndarray, cell: float) -> np.ndarray:
+    """Signed distance (pixels, positive inside) from each cell centre to the region border.
+
+    Half a cell for a cell next to the other label, growing by one cell per cell of
+    depth. A layout with no cell (or only cells) of the label gets a value beyond any
+    real distance, since the transform needs both labels.
+    """
+    if not inside.any() or inside.all():
+        far = float(sum(inside.shape)) * cell
+        return np.full(inside.shape, far if inside.all() else -far, dtype=np.float32)
+    cells = np.where(
+        inside, distance_transform_edt(inside) - 0.5, 0.5 - distance_transform_edt(~inside)
+    )
+    return (cells * cell).astype(np.float32)
+
+
+def _linear_upsample(coords: np.ndarray, cell: float, axis_len: int) -> np.ndarray:
+    """Linear interpolation weights from cell centres to pixel centres, clamped at the edges."""
+    t = (coords + 0.5) / cell - 0.5
+    first = np.floor(t).astype(np.int64)
+    frac = (t - first).astype(np.float32)
+    weights = np.zeros((coords.size, axis_len), dtype=np.float32)
+    rows = np.arange(coords.size)
+    np.add.at(weights, (rows, np.clip(first, 0, axis_len - 1)), 1.0 - frac)
+    np.add.at(weights, (rows, np.clip(first + 1, 0, axis_len - 1)), frac)
+    return weights
 
 
 @dataclass(frozen=True)
 class PaintedGeometry:
     """Tissue and tumor extent from a real layout (one label cell = ``cell`` pixels).
 
-    Each label region is the nearest-neighbour upscaled layout, whose border is moved
-    by smooth position-keyed noise squashed into +-``_MAX_SHIFT`` cells. A perturbed
-    signed distance, not a smoothed indicator plus unbounded noise, so the painted
-    areas keep the layout's tumor and tissue shares at every size.
+    Each label's field is the signed distance of its cells, interpolated bilinearly
+    between cell centres (exact on straight cell borders, rounded at corners, so the
+    staircase of the upscaled layout disappears), plus smooth position-keyed noise
+    squashed into +-``_MAX_SHIFT`` cells. Bounded, zero-mean noise on a true distance,
+    so the painted areas keep the layout's tumor and tissue shares at every size.
     """
 
     shape: tuple[int, int]
@@ -92,43 +124,19 @@ class PaintedGeometry:
     cell: float
     roughness: float
 
-    def _cells(self, coords: np.ndarray, axis: int) -> np.ndarray:
-        """Layout row (axis 0) or column (axis 1) under each pixel centre, clamped."""
-        index = np.floor((coords + 0.5) / self.cell).astype(np.int64)
-        return np.clip(index, 0, self.labels.shape[axis] - 1)
-
-    def _signed_distance(
-        self, inside: np.ndarray, ys: np.ndarray, xs: np.ndarray, reach: float
-    ) -> np.ndarray:
-        """Pixel distance to the upscaled border of ``inside`` (positive inside), clipped.
-
-        Exact within ``reach``: the transform runs on the window grown by ``reach``,
-        which holds every border point that close, so any tiling gives the same values.
-        """
-        pad = int(np.ceil(reach)) + 1
-        iy = np.rint(ys).astype(np.int64)
-        ix = np.rint(xs).astype(np.int64)
-        gy = np.arange(iy.min() - pad, iy.max() + pad + 1)
-        gx = np.arange(ix.min() - pad, ix.max() + pad + 1)
-        cells = inside[np.ix_(self._cells(gy, 0), self._cells(gx, 1))]
-        if cells.all() or not cells.any():
-            value = reach if cells.flat[0] else -reach
-            return np.full((ys.size, xs.size), value, dtype=np.float32)
-        distance = np.where(
-            cells,
-            distance_transform_edt(cells) - 0.5,
-            0.5 - distance_transform_edt(~cells),
-        )
-        rows, columns = np.ix_(iy - gy[0], ix - gx[0])
-        return np.clip(distance[rows, columns], -reach, reach).astype(np.float32)
-
     def _field(self, inside: np.ndarray, ys: np.ndarray, xs: np.ndarray, name: str) -> np.ndarray:
+        """Signed distance to the border of ``inside`` (pixels), moved by bounded noise.
+
+        ``tanh`` squashes the noise into +-shift smoothly (no flat clipped runs).
+        """
+        wy = _linear_upsample(ys, self.cell, inside.shape[0])
+        wx = _linear_upsample(xs, self.cell, inside.shape[1])
+        distance = wy @ _cell_signed_distance(inside, self.cell) @ wx.T
         shift = np.float32(_MAX_SHIFT * self.cell)
         seed = field_seed(self.seed, name)
-        wobble = self.roughness * self.cell * value_noise(ys, xs, _CORR * self.cell, seed)
-        jagged = _JAGGED * value_noise(ys, xs, 10.0, seed + 1)
-        displacement = shift * np.tanh((wobble + jagged) / shift)
-        return self._signed_distance(inside, ys, xs, shift + _REACH) + displacement
+        wobble = self.roughness * self.cell * value_noise(ys, xs, _WOBBLE_CELLS * self.cell, seed)
+        jagged = _JAGGED * value_noise(ys, xs, min(10.0, self.cell), seed + 1)
+        return distance + shift * np.tanh((wobble + jagged) / shift)
 
     def base(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tissue, tumor) signed distances (pixels) around the upscaled layout.
