@@ -64,7 +64,8 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     audit = audit_patch_set(patch_set, specs)
     write_audit(audit, patch_set, out / "audit", overwrite=overwrite)
     auroc = audit.attribute_auroc["tissue_ratio"]
-    console.print(f"tissue_ratio alone predicts the label with AUROC {auroc}")
+    shown = ", ".join(f"{split} {value:.3f}" for split, value in auroc.items() if value is not None)
+    console.print(f"tissue_ratio alone predicts the label with AUROC {shown}")
     console.rule("4/4 train and evaluate: " + ", ".join(settings.methods))
     rows = {}
     for method in settings.methods:
