@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 WORK = Path(__file__).resolve().parent / "work"
+NOISE = 3
+"""Scanner noise of the benchmark slide, in grey levels (see ``slide_tiles``)."""
 
 
 # --- synthetic slide -----------------------------------------------------------------
@@ -71,6 +73,9 @@ def slide_tiles(
 
     Tissue and tumor are smooth blob fields on a 64-px lattice, bilinearly upsampled per
     tile; colour is glass where there is no tissue and a pink/purple texture inside.
+    Every pixel gets scanner-like noise of +-``NOISE`` levels, so that no two image tiles
+    compress alike: the reader decodes identical tiles once, and blank glass tiles would
+    otherwise make every variant look faster than on a real slide.
     """
     import torch
     import torch.nn.functional as F
@@ -102,7 +107,8 @@ def slide_tiles(
                 texture = textures[(ty * 7 + tx * 3) % len(textures)][..., None]
                 stain = pink + (purple - pink) * np.clip(texture * (0.6 + 0.8 * u), 0, 1)
                 pixels = glass * (1 - t) + stain * t
-                yield pixels.astype(np.uint8)
+                noise = rng.integers(-NOISE, NOISE + 1, pixels.shape, dtype=np.int16)
+                yield np.clip(pixels.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
     def mask() -> Iterator[np.ndarray]:
         for ty in range(size // tile):
@@ -116,7 +122,7 @@ def ensure_slide(size: int, tile: int, seed: int) -> Path:
     """DATA folder with images/slide.tif and masks/slide.tif, generated once and cached."""
     import tifffile
 
-    data = WORK / f"slide-{size}-t{tile}-s{seed}"
+    data = WORK / f"slide-{size}-t{tile}-s{seed}-noise{NOISE}"
     done = data / ".complete"
     if done.exists():
         return data
@@ -183,8 +189,9 @@ def run_patchify(data: Path, patch: int, input_size: int) -> float:
 
 
 def run_per_patch(data: Path, patch: int, input_size: int) -> float:
+    from unshortcut.blocks import block_sum
     from unshortcut.io.readers import open_image
-    from unshortcut.tiling.grid import block_sum, make_grid, to_dtype, tumor_mask_uint8
+    from unshortcut.tiling.grid import make_grid, to_dtype, tumor_mask_uint8
 
     image, mask = data / "images" / "slide.tif", data / "masks" / "slide.tif"
     start = time.perf_counter()

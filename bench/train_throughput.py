@@ -19,7 +19,6 @@ Usage: ``python bench/train_throughput.py [--size 64] [--batch 64] [--n 2560] [-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -33,36 +32,28 @@ from rich.table import Table
 from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData
 from unshortcut.methods import Batch, get_method
-from unshortcut.tiling.patchset import FORMAT_NAME, FORMAT_VERSION
+from unshortcut.tiling.patchset import write_patch_set
 from unshortcut.train import LoopContext, load_run_data, make_optimizer, train_epoch
 
 FLOOR = 0.90
 WORK = Path(__file__).resolve().parent / "work" / "train_throughput"
 
 
-def write_patch_set(path: Path, n: int, size: int, channels: int = 3) -> Path:
+def random_patch_set(path: Path, n: int, size: int, channels: int = 3) -> Path:
     """Random uint8 patches; train = 80%, val/test 10% each, both classes and bins filled."""
     if (path / "manifest.json").is_file() and np.load(path / "pixels.npy", mmap_mode="r").shape == (
         n, channels, size, size
     ):  # fmt: skip
         return path
     rng = np.random.default_rng(0)
-    path.mkdir(parents=True, exist_ok=True)
     label = rng.integers(2, size=n)
     split = np.where(
         np.arange(n) < 0.8 * n, "train", np.where(np.arange(n) < 0.9 * n, "val", "test")
     )
-    pixels = np.lib.format.open_memmap(
-        path / "pixels.npy", "w+", np.uint8, (n, channels, size, size)
-    )
-    for start in range(0, n, 1024):
-        stop = min(start + 1024, n)
-        pixels[start:stop] = rng.integers(0, 256, (stop - start, channels, size, size), np.uint8)
-    pixels.flush()
+    pixels = rng.integers(0, 256, (n, channels, size, size), np.uint8)
     masks = np.zeros((n, size, size), np.uint8)
     masks[label == 1, : size // 2] = 255
-    np.save(path / "masks.npy", masks)
-    pd.DataFrame(
+    table = pd.DataFrame(
         {
             "patch_id": [f"p{i}" for i in range(n)],
             "image_id": [f"i{i % 16}" for i in range(n)],
@@ -77,14 +68,8 @@ def write_patch_set(path: Path, n: int, size: int, channels: int = 3) -> Path:
             "label": label,
             "synthetic": np.ones(n, bool),
         }
-    ).to_parquet(path / "patches.parquet", index=False)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "channels": channels,
-        "parameters": {"input_size": size},
-    }
-    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    )
+    write_patch_set(path, table, pixels, masks, {"generator": "bench/train_throughput.py"}, True)
     return path
 
 
@@ -125,7 +110,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    patches = write_patch_set(WORK / f"patches-{args.n}-{args.size}", args.n, args.size)
+    patches = random_patch_set(WORK / f"patches-{args.n}-{args.size}", args.n, args.size)
     config = TrainConfig(
         patches=patches, out=WORK / "unused", batch_size=args.batch, model=args.model
     )

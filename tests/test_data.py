@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from unshortcut.data import (
     channel_stats,
 )
 from unshortcut.methods import GroupedSplit
-from unshortcut.tiling.patchset import FORMAT_NAME, FORMAT_VERSION, PatchSet
+from unshortcut.tiling.patchset import PatchSet, write_patch_set
 
 
 def write_toy_patch_set(
@@ -37,7 +36,6 @@ def write_toy_patch_set(
     every split. Splits: 60% train, 20% val, 20% test, 4 images each.
     """
     rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
     label = (np.arange(n) % 2).astype(np.int64)
     rng.shuffle(label)
     split = np.array(["train"] * (n * 6 // 10) + ["val"] * (n // 5) + ["test"] * 0, dtype=object)
@@ -67,16 +65,7 @@ def write_toy_patch_set(
             "synthetic": np.ones(n, bool),
         }
     )
-    table.to_parquet(path / "patches.parquet", index=False)
-    np.save(path / "pixels.npy", pixels)
-    np.save(path / "masks.npy", masks)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "channels": channels,
-        "parameters": {"input_size": size},
-    }
-    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    write_patch_set(path, table, pixels, masks, {"generator": "tests.write_toy_patch_set"})
     return path
 
 

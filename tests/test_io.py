@@ -13,7 +13,7 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.io.discover import ImageEntry, discover_dataset
 from unshortcut.io.masks import open_mask
 from unshortcut.io.metadata import read_metadata
-from unshortcut.io.readers import TiffReader, iter_bands, open_image
+from unshortcut.io.readers import TiffReader, iter_bands, iter_block_sums, open_image
 
 RNG = np.random.default_rng(7)
 
@@ -145,6 +145,51 @@ def test_tiff_bands_decode_each_tile_once(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.concatenate(bands), expected)
 
 
+def reference_block_sums(values: np.ndarray, factor: int) -> np.ndarray:
+    """Block sums of the whole blocks of (h, w, C) values, in int64."""
+    h, w = values.shape[0] // factor * factor, values.shape[1] // factor * factor
+    blocks = values[:h, :w].astype(np.int64).reshape(h // factor, factor, w // factor, factor, -1)
+    return blocks.sum(axis=(1, 3))
+
+
+def joined_sums(chunks) -> np.ndarray:
+    chunks = list(chunks)
+    tops = [top for top, _ in chunks]
+    assert tops == sorted(tops) and tops[0] == 0
+    return np.concatenate([chunk for _, chunk in chunks])
+
+
+@pytest.mark.parametrize(
+    ("tile", "factor", "rows"),
+    [((64, 48), 4, None), ((64, 48), 16, None), ((64, 48), 5, None), ((64, 48), 4, 30)],
+)
+def test_tiff_block_sums_per_tile(tmp_path: Path, tile: tuple, factor: int, rows) -> None:
+    # 300 x 250 is no multiple of the tiles (padded edge tiles); factor 5 does not divide
+    # them (band fallback); rows=30 stops early. All must equal the reference sums.
+    data = RNG.integers(0, 65536, (300, 250, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", data, tile=tile, compression="zlib", photometric="rgb")
+    with open_image(tmp_path / "a.tif") as reader:
+        sums = joined_sums(iter_block_sums(reader, factor, rows=rows))
+    expected = reference_block_sums(data, factor)[:rows]
+    assert sums.dtype == np.uint32
+    np.testing.assert_array_equal(sums, expected)
+
+
+def test_block_sums_of_ome_channel_pages_and_untiled_readers(tmp_path: Path) -> None:
+    data = RNG.integers(0, 65536, (5, 130, 96), dtype=np.uint16)  # one page per channel
+    tifffile.imwrite(
+        tmp_path / "a.ome.tif", data, tile=(32, 32), compression="zlib", metadata={"axes": "CYX"}
+    )
+    np.save(tmp_path / "b.npy", data.transpose(1, 2, 0))
+    expected = reference_block_sums(data.transpose(1, 2, 0), 8)
+    for name in ("a.ome.tif", "b.npy"):
+        with open_image(tmp_path / name) as reader:
+            np.testing.assert_array_equal(joined_sums(iter_block_sums(reader, 8)), expected)
+            np.testing.assert_array_equal(
+                joined_sums(iter_block_sums(reader, 8, rows=3)), expected[:3]
+            )
+
+
 def test_region_outside_image_is_an_error(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.zeros((10, 20), np.uint8))
     reader = open_image(tmp_path / "a.npy")
@@ -251,6 +296,25 @@ def test_tiff_mask_bands(tmp_path: Path) -> None:
     )
     with open_mask(tmp_path / "m.tif") as mask:
         np.testing.assert_array_equal(np.concatenate([b for _, b in mask.iter_bands(20)]), truth)
+
+
+def test_tiff_mask_peak_and_block_counts(tmp_path: Path) -> None:
+    # Mostly empty tiles (identical compressed bytes, decoded once), one 0..255 region
+    # in an edge tile: the encoding must come from an exact scan, not sampled rows.
+    values = np.zeros((1000, 700), np.uint8)
+    values[990:995, 690:695] = 255
+    values[100:140, 30:90] = 1  # would be tumor in a 0/1 mask, is noise in a 0..255 one
+    tifffile.imwrite(tmp_path / "m.tif", values, tile=(128, 128), compression="zlib")
+    with open_mask(tmp_path / "m.tif") as mask:
+        assert mask.reader.peak_value(0) == 255 and mask.threshold == 127
+        counts = joined_sums(mask.iter_block_sums(5))
+    np.testing.assert_array_equal(counts, reference_block_sums(values[..., None] > 127, 5)[..., 0])
+    assert counts.sum() == 25
+    zero_one = (values > 0).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "z.tif", zero_one, tile=(128, 128), compression="zlib")
+    with open_mask(tmp_path / "z.tif") as mask:
+        assert mask.reader.peak_value(0) == 1 and mask.threshold == 0
+        assert joined_sums(mask.iter_block_sums(4)).sum() == zero_one.sum()
 
 
 def test_shared_data_readers(shared_data: Path) -> None:

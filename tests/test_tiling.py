@@ -148,12 +148,20 @@ def test_non_integer_footprint_uses_adaptive_area_pooling() -> None:
     assert tiled.tumor_fraction[1 * grid.cols + 2] == pytest.approx(mask[6:18, 12:24].mean())
 
 
-def test_thumbnail_is_block_mean_of_covered_area() -> None:
+@pytest.mark.parametrize(
+    ("height", "width", "size", "input_size", "factor"),
+    [(4200, 40, 32, 8, 2), (4200, 40, 32, 5, 2), (2112, 2112, 64, 32, 4)],
+)
+def test_thumbnail_is_block_mean_of_covered_area(
+    height: int, width: int, size: int, input_size: int, factor: int
+) -> None:
+    # Thumbnail finer than the pooled patches (2 vs 4), no block pooling (input 5), and
+    # coarser than the pooled patches (4 vs 2: sums of the pooled sums).
     rng = np.random.default_rng(2)
-    image = rng.integers(0, 65535, (4200, 40, 3), dtype=np.uint16)
-    grid, tiled, _, _, _ = run_tiling(image, np.zeros((4200, 40)), 32, 32, 8)
+    image = rng.integers(0, 65535, (height, width, 3), dtype=np.uint16)
+    grid, tiled, _, _, _ = run_tiling(image, np.zeros((height, width)), size, size, input_size)
     d = tiled.thumbnail_downsample
-    assert d == thumbnail_factor(32, 32, 4200, 40) == 2
+    assert d == thumbnail_factor(size, size, height, width) == factor
     covered = image[: grid.covered_height, : grid.covered_width]
     expected = np.floor(block_mean(covered, d) + 0.5).astype(np.uint16)
     assert tiled.thumbnail is not None and tiled.thumbnail.dtype == np.uint16

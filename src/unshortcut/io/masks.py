@@ -8,8 +8,10 @@ white annotation counts), alpha is dropped by the image readers, and palette PNG
 their class indices.
 
 The encoding is decided once per file from its largest value: bool or max <= 1 means a
-0/1 mask. To stay cheap on large files we look at the smallest pyramid level, else the
-whole image when it has at most ``FULL_SCAN_PIXELS`` pixels, else ``SAMPLE_ROWS`` evenly
+0/1 mask. To stay cheap on large files we look at the smallest pyramid level; tiled
+TIFF levels are scanned exactly with each distinct compressed tile decoded once (see
+:meth:`~unshortcut.io.readers.TiffReader.peak_value`); other sources are scanned whole
+when they have at most ``FULL_SCAN_PIXELS`` pixels, else at ``SAMPLE_ROWS`` evenly
 spaced rows. Failure mode of the last case: a 0..255 mask whose sampled rows contain
 only 0 and 1 is read as 0/1, so stray 1-valued noise would count as tumor.
 """
@@ -24,7 +26,7 @@ from typing import Self
 import numpy as np
 
 from unshortcut.io.base import ImageReader
-from unshortcut.io.readers import iter_bands, open_image
+from unshortcut.io.readers import iter_bands, iter_block_sums, open_image
 
 FULL_SCAN_PIXELS = 2**26
 SAMPLE_ROWS = 256
@@ -43,16 +45,21 @@ def mask_threshold(reader: ImageReader) -> float:
     """0 for bool and 0/1 masks, 127 for 0..255 masks (see the module docstring)."""
     if reader.dtype == np.bool_:
         return 0.0
-    level = reader.level_count - 1
+    return 0.0 if _peak(reader, reader.level_count - 1) <= 1 else 127.0
+
+
+def _peak(reader: ImageReader, level: int) -> float:
+    """Largest value of ``level``: exact, or sampled rows on large untiled sources."""
+    exact = getattr(reader, "peak_value", None)
+    peak = exact(level) if exact is not None else None
+    if peak is not None:
+        return float(peak)
     height, width = reader.level_shape(level)
     if height * width <= FULL_SCAN_PIXELS:
-        peak = max(
-            (float(band.max(initial=0)) for _, band in iter_bands(reader, 1024, level)), default=0.0
-        )
-    else:
-        rows = np.unique(np.linspace(0, height - 1, SAMPLE_ROWS).astype(int))
-        peak = max(float(reader.read_region(int(y), 0, 1, width, level).max()) for y in rows)
-    return 0.0 if peak <= 1 else 127.0
+        bands = iter_bands(reader, 1024, level)
+        return max((float(band.max(initial=0)) for _, band in bands), default=0.0)
+    rows = np.unique(np.linspace(0, height - 1, SAMPLE_ROWS).astype(int))
+    return max(float(reader.read_region(int(y), 0, 1, width, level).max()) for y in rows)
 
 
 class MaskReader:
@@ -76,6 +83,19 @@ class MaskReader:
         """Full-width bool bands ``(y, band)``; tiled files decode each tile once."""
         for y, band in iter_bands(self.reader, band_height):
             yield y, binarise(band, self.threshold)
+
+    def iter_block_sums(
+        self, factor: int, rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Foreground pixels per ``factor`` x ``factor`` block, as ``(block_row, counts)``,
+        for the first ``rows`` block rows (default: all).
+
+        Tiles are binarised and counted in the decode threads (see
+        :func:`~unshortcut.io.readers.iter_block_sums`).
+        """
+        threshold = self.threshold
+        counts = iter_block_sums(self.reader, factor, 0, lambda v: binarise(v, threshold), rows)
+        yield from counts
 
     def close(self) -> None:
         self.reader.close()

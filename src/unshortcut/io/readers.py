@@ -32,6 +32,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from unshortcut.blocks import accumulators, block_sum
 from unshortcut.errors import UnshortcutError
 from unshortcut.io.base import ImageReader
 
@@ -110,6 +111,69 @@ def iter_bands(
     height, width = reader.level_shape(level)
     for y in range(0, height, band_height):
         yield y, reader.read_region(y, 0, min(band_height, height - y), width, level)
+
+
+#: Rows per band when block sums are taken from full-width bands (non-tiled sources).
+BLOCK_SUM_BAND_ROWS = 256
+
+TileReduce = Callable[[np.ndarray], np.ndarray]
+"""Maps decoded (h, w, C) pixels to the one (h, w) value map to block-sum (a binarised
+mask, say)."""
+
+
+def iter_block_sums(
+    reader: ImageReader,
+    factor: int,
+    level: int = 0,
+    prepare: TileReduce | None = None,
+    rows: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(block_row, sums)``: exact ``factor`` x ``factor`` block sums, top to bottom.
+
+    Together the chunks cover the first ``rows`` (default: all ``height // factor``)
+    block rows and ``width // factor`` block columns; partial blocks at the right and
+    bottom edges are left out, and nothing below ``rows`` is read. Sums are
+    (rows, cols, C), or (rows, cols) when ``prepare`` maps the pixels to one value map
+    first. TIFF readers sum each tile in the decode threads while it is still in cache;
+    other readers sum full-width bands.
+    """
+    if factor < 1:
+        raise ValueError("factor must be positive")
+    own = getattr(reader, "iter_block_sums", None)
+    if own is not None:
+        yield from own(factor, level, prepare, rows)
+        return
+    height, width = reader.level_shape(level)
+    limit = _block_limit(height, factor, rows)
+    step = max(1, BLOCK_SUM_BAND_ROWS // factor) * factor
+    bands = (
+        (y, reader.read_region(y, 0, min(step, limit * factor - y), width, level))
+        for y in range(0, limit * factor, step)
+    )
+    yield from block_sums_of_bands(bands, factor, prepare, limit)
+
+
+def _block_limit(height: int, factor: int, rows: int | None) -> int:
+    return height // factor if rows is None else min(rows, height // factor)
+
+
+def block_sums_of_bands(
+    bands: Iterator[tuple[int, np.ndarray]],
+    factor: int,
+    prepare: TileReduce | None,
+    rows: int,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Block sums of the first ``rows`` block rows of full-width bands (heights multiples
+    of ``factor``, but the last)."""
+    for y, band in bands:
+        top = y // factor
+        whole = min(len(band) // factor, rows - top) * factor
+        if whole <= 0:
+            return
+        values = band[:whole, : band.shape[1] // factor * factor]
+        yield top, block_sum(prepare(values) if prepare else values, factor)
+        if top + whole // factor >= rows:
+            return
 
 
 def _sniff(path: Path) -> str | None:
@@ -495,6 +559,70 @@ class TiffReader(_ReaderBase):
             yield y, carry[y - carry_y : end - carry_y]
             carry, carry_y = carry[end - carry_y :], end
 
+    def iter_block_sums(
+        self,
+        factor: int,
+        level: int = 0,
+        prepare: TileReduce | None = None,
+        rows: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """:func:`iter_block_sums` one tile row at a time, each tile summed as it decodes.
+
+        Needs tiles whose sides are multiples of ``factor`` (and, with ``prepare``, one
+        page holding every channel); otherwise full-width bands are summed instead.
+        """
+        self._check_region(0, 0, 0, 0, level)
+        entry = self._levels[level]
+        height, width = self.level_shape(level)
+        limit = _block_limit(height, factor, rows)
+        if not (
+            isinstance(entry, _TiledLevel)
+            and entry.tile[0] % factor == 0
+            and entry.tile[1] % factor == 0
+            and (prepare is None or len(entry.pages) * entry.planes == 1)
+        ):
+            step = max(1, BLOCK_SUM_BAND_ROWS // factor) * factor
+            yield from block_sums_of_bands(self.iter_bands(step, level), factor, prepare, limit)
+            return
+        tile_blocks = entry.tile[0] // factor
+
+        def reduce(tile: np.ndarray) -> np.ndarray:
+            if prepare is None:
+                return block_sum(tile, factor)
+            values = prepare(tile)[..., None]
+            if values.any():
+                return block_sum(values, factor)
+            # Most tiles of a mask are empty: their counts need no summing.
+            shape = (tile.shape[0] // factor, tile.shape[1] // factor, 1)
+            return np.zeros(shape, accumulators(values.dtype, factor)[1])
+
+        for top in range(0, limit, tile_blocks):
+            sums = self._assemble_tile_row(level, entry, top // tile_blocks, factor, reduce)
+            sums = sums[: limit - top, : width // factor]
+            yield top, sums if prepare is None else sums[..., 0]
+
+    def _assemble_tile_row(
+        self, level: int, entry: _TiledLevel, row: int, factor: int, reduce: TileReduce
+    ) -> np.ndarray:
+        """Reduced tiles of tile row ``row`` (every page and plane) side by side."""
+        (tile_h, tile_w), (_, cols) = entry.tile, entry.grid
+        per_plane = entry.grid[0] * cols
+        wanted = [
+            (page_i, plane, plane * per_plane + row * cols + tx, tx)
+            for page_i in range(len(entry.pages))
+            for plane in range(entry.planes)
+            for tx in range(cols)
+        ]
+        keys = [(page_i, index) for page_i, _, index, _ in wanted]
+        tiles = self._tiles(level, entry, keys, use_cache=False, reduce=reduce)
+        block_h, block_w = tile_h // factor, tile_w // factor
+        channels = tiles[0].shape[2] * len(entry.pages) * entry.planes
+        out = np.empty((block_h, block_w * cols, channels), tiles[0].dtype)
+        for (page_i, plane, _, tx), tile in zip(wanted, tiles, strict=True):
+            c0 = (page_i * entry.planes + plane) * tile.shape[2]
+            out[:, tx * block_w : (tx + 1) * block_w, c0 : c0 + tile.shape[2]] = tile
+        return out
+
     def _assemble(
         self,
         level: int,
@@ -530,18 +658,32 @@ class TiffReader(_ReaderBase):
         return out
 
     def _tiles(
-        self, level: int, entry: _TiledLevel, keys: list[tuple[int, int]], use_cache: bool
+        self,
+        level: int,
+        entry: _TiledLevel,
+        keys: list[tuple[int, int]],
+        use_cache: bool,
+        reduce: TileReduce | None = None,
     ) -> list[np.ndarray]:
-        """Decoded (tile_h, tile_w, samples) tiles for (page, segment index) keys."""
+        """Decoded (tile_h, tile_w, samples) tiles for (page, segment index) keys.
+
+        With ``reduce``, each tile is passed through it in the decode thread and only the
+        result is returned (never cached).
+        """
         try:
-            return self._tiles_unchecked(level, entry, keys, use_cache)
+            return self._tiles_unchecked(level, entry, keys, use_cache and reduce is None, reduce)
         except UnshortcutError:
             raise
         except Exception as exc:  # truncated file, corrupt tile, codec failure
             raise self._decode_error(exc) from None
 
     def _tiles_unchecked(
-        self, level: int, entry: _TiledLevel, keys: list[tuple[int, int]], use_cache: bool
+        self,
+        level: int,
+        entry: _TiledLevel,
+        keys: list[tuple[int, int]],
+        use_cache: bool,
+        reduce: TileReduce | None,
     ) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}
         if use_cache:
@@ -551,6 +693,9 @@ class TiffReader(_ReaderBase):
                     found[n] = tile
         missing = [n for n in range(len(keys)) if n not in found]
         jobs = []
+        # Tiles with the same compressed bytes decode alike (empty mask tiles, blank
+        # areas): each distinct one is decoded once and the result shared, read-only.
+        same: dict[tuple[Any, bytes | None], list[int]] = {}
         with self._lock:
             fh = self._tif.filehandle
             for n in sorted(missing, key=lambda n: entry.pages[keys[n][0]].dataoffsets[keys[n][1]]):
@@ -560,31 +705,85 @@ class TiffReader(_ReaderBase):
                 if offset and count:
                     fh.seek(offset)
                     data = fh.read(count)
-                jobs.append((n, page, keys[n][1], data))
-        decode = self._decoder(entry)
+                twins = same.setdefault((page.jpegtables, data), [])
+                if not twins:
+                    jobs.append((n, page, keys[n][1], data))
+                twins.append(n)
+        decode = self._decoder(entry, reduce)
         results = _executor().map(decode, jobs) if len(jobs) > 1 else (decode(job) for job in jobs)
-        for (n, _, index, _), tile in zip(jobs, results, strict=True):
-            found[n] = tile
-            if use_cache:
-                self._cache.put((level, keys[n][0], index), tile)
+        for (_, page, _, data), tile in zip(jobs, results, strict=True):
+            for n in same[(page.jpegtables, data)]:
+                found[n] = tile
+                if use_cache:
+                    self._cache.put((level, *keys[n]), tile)
         return [found[n] for n in range(len(keys))]
 
-    def _decoder(self, entry: _TiledLevel) -> Callable[[tuple[int, Any, int, Any]], np.ndarray]:
+    def _decoder(
+        self, entry: _TiledLevel, reduce: TileReduce | None
+    ) -> Callable[[tuple[int, Any, int, Any]], np.ndarray]:
         key = entry.keyframe
         tile_shape = (*entry.tile, entry.samples)
 
         def decode(job: tuple[int, Any, int, bytes | None]) -> np.ndarray:
             _, page, index, data = job
             if data is None:  # sparse tile: never written, reads as zeros
-                return np.zeros(tile_shape, self._dtype)
-            tile = key.decode(
-                data, index, jpegtables=page.jpegtables, jpegheader=key.jpegheader, _fullsize=True
-            )[0]
-            if tile is None or tile.size != math.prod(tile_shape):
-                raise ValueError(f"tile {index} is truncated")
-            return tile.reshape(tile_shape).astype(self._dtype, copy=False)
+                tile = np.zeros(tile_shape, self._dtype)
+            else:
+                tile = key.decode(
+                    data,
+                    index,
+                    jpegtables=page.jpegtables,
+                    jpegheader=key.jpegheader,
+                    _fullsize=True,
+                )[0]
+                if tile is None or tile.size != math.prod(tile_shape):
+                    raise ValueError(f"tile {index} is truncated")
+                tile = tile.reshape(tile_shape).astype(self._dtype, copy=False)
+            return reduce(tile) if reduce else tile
 
         return decode
+
+    def peak_value(self, level: int) -> float | None:
+        """Largest pixel value of a tiled ``level`` (None for other levels), exactly.
+
+        Tiles with identical compressed bytes are decoded once: a mask is mostly empty
+        tiles that compress alike, so finding its largest value costs a few decodes, not
+        a pass over the file. Edge tiles are cropped to the image before taking the max.
+        """
+        self._check_region(0, 0, 0, 0, level)
+        entry = self._levels[level]
+        if not isinstance(entry, _TiledLevel):
+            return None
+        (tile_h, tile_w), (rows, cols) = entry.tile, entry.grid
+        height, width = entry.shape
+        per_plane = rows * cols
+        shapes: dict[bytes | None, set[tuple[int, int]]] = {}
+        first: dict[bytes | None, tuple[Any, int]] = {}
+        with self._lock:
+            fh = self._tif.filehandle
+            for page in entry.pages:
+                for index, (offset, count) in enumerate(
+                    zip(page.dataoffsets, page.databytecounts, strict=True)
+                ):
+                    data = None
+                    if offset and count:
+                        fh.seek(offset)
+                        data = fh.read(count)
+                    ty, tx = divmod(index % per_plane, cols)
+                    valid = (min(tile_h, height - ty * tile_h), min(tile_w, width - tx * tile_w))
+                    shapes.setdefault(data, set()).add(valid)
+                    first.setdefault(data, (page, index))
+        decode = self._decoder(entry, None)
+
+        def peak(data: bytes | None) -> float:
+            page, index = first[data]
+            tile = decode((0, page, index, data))
+            return max(float(tile[:h, :w].max(initial=0)) for h, w in shapes[data])
+
+        try:
+            return max(_executor().map(peak, list(shapes)), default=0.0)
+        except Exception as exc:
+            raise self._decode_error(exc) from None
 
     def close(self) -> None:
         self._cache.clear()

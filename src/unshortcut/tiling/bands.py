@@ -1,12 +1,16 @@
-"""One decode pass over an image: stream full-width bands, cut and resize every patch.
+"""One decode pass over an image: stream it top to bottom, cut and resize every patch.
 
 Whole-slide images are decoded tile by tile; reading each patch on its own decodes
 shared tiles again and again and reopens the file. Here the image is read once, top to
-bottom, in bands one patch row high (plus the stride overlap kept from the previous
-band). Each band is area-pooled to the input size once, and the grid patches are
-cut from the pooled band, which is far cheaper than pooling patch by patch. The tumor
-mask is read in the same bands, and a block-mean thumbnail for tissue detection is
-accumulated from the same decoded pixels, so no pixel is decoded twice.
+bottom, and every decoded pixel is reduced once.
+
+When the patch side is a multiple of the input size (the usual case), patches are block
+means: the reader block-sums each tile right after decoding it, in the decode threads,
+and this module only sees the sums (16x fewer values at a 4x reduction on a large
+slide). Patches, their masks (tumor pixels counted per block the same way) and the
+tissue thumbnail (sums of the sums) are all cut from those streams. Other sizes stream
+full-resolution bands one patch row high and resize each patch with adaptive area
+pooling.
 
 Resized patches go to temporary files in grid order; only after tissue detection is it
 known which patches are kept, and the caller compacts those into the final store.
@@ -15,6 +19,7 @@ Memory stays at a few bands, whatever the image size.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -24,12 +29,12 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
+from unshortcut.blocks import block_sum
 from unshortcut.io.base import ImageReader
-from unshortcut.io.readers import iter_bands
+from unshortcut.io.readers import block_sums_of_bands, iter_bands, iter_block_sums
 from unshortcut.tiling.grid import (
     Grid,
     area_resize,
-    block_sum,
     crops,
     mean_from_sums,
     pool_factor,
@@ -150,15 +155,39 @@ def _until(bands: Iterator[tuple[int, np.ndarray]], rows: int) -> Iterator[np.nd
             return
 
 
-def _mask_chunks(mask: MaskSource, rows: int) -> Iterator[np.ndarray]:
-    """Full-width boolean mask rows [0, ``rows``) top to bottom, in the reader's bands."""
+def _mask_chunks(mask: MaskSource) -> Iterator[tuple[int, np.ndarray]]:
+    """Full-width boolean mask rows top to bottom, in the reader's bands."""
     own = getattr(mask, "iter_bands", None)
     if own is not None:
-        yield from _until(own(_MASK_CHUNK_ROWS), rows)
+        yield from own(_MASK_CHUNK_ROWS)
         return
-    width = mask.shape[1]
-    for y in range(0, rows, _MASK_CHUNK_ROWS):
-        yield mask.read_region(y, 0, min(_MASK_CHUNK_ROWS, mask.shape[0] - y), width)
+    height, width = mask.shape
+    for y in range(0, height, _MASK_CHUNK_ROWS):
+        yield y, mask.read_region(y, 0, min(_MASK_CHUNK_ROWS, height - y), width)
+
+
+def _mask_block_sums(mask: MaskSource, factor: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Tumor pixels per ``factor`` x ``factor`` block of the first ``rows`` block rows."""
+    own = getattr(mask, "iter_block_sums", None)
+    if own is not None:
+        yield from own(factor, rows)
+        return
+    step = max(1, _MASK_CHUNK_ROWS // factor) * factor
+    width, end = mask.shape[1], rows * factor
+    bands = ((y, mask.read_region(y, 0, min(step, end - y), width)) for y in range(0, end, step))
+    yield from block_sums_of_bands(bands, factor, None, rows)
+
+
+@dataclass
+class _PatchRow:
+    """One grid row, ready to write: patches, their masks, tumor pixel counts, and the
+    thumbnail block sums of the image rows no earlier grid row covered (None when no
+    thumbnail is wanted)."""
+
+    patches: np.ndarray
+    mask_patches: np.ndarray
+    tumor_counts: np.ndarray
+    thumbnail_sums: np.ndarray | None
 
 
 def tile_image(
@@ -181,81 +210,112 @@ def tile_image(
     ``mask_out`` as (S, S) uint8 rows. Returns tumor fractions and, when asked, the
     block-mean thumbnail (h, w, C) in the source dtype.
     """
-    size, stride, width = grid.size, grid.stride, grid.covered_width
-    covered = grid.covered_height
-    image_chunks = _prefetch(_until(iter_bands(reader, min(size, stride), level), covered))
-    mask_chunks = _prefetch(_mask_chunks(mask, covered * downsample))
-    with closing(image_chunks), closing(mask_chunks):
-        return _tile_bands(
-            reader.dtype,
-            _RollingRows(image_chunks, width),
-            _RollingRows(mask_chunks, width * downsample),
-            grid,
-            downsample,
-            input_size,
-            pixel_out,
-            mask_out,
-            want_thumbnail,
-            on_band,
-        )
-
-
-def _mask_sums(mask_band: np.ndarray, factor: int) -> np.ndarray:
-    """Tumor pixels per block; most bands of a slide hold no tumor and cost one scan."""
-    if mask_band.any():
-        return block_sum(mask_band, factor)
-    height, width = mask_band.shape
-    return np.zeros((height // factor, width // factor), np.uint32)
-
-
-def _tile_bands(
-    dtype: np.dtype,
-    image_rows: _RollingRows,
-    mask_rows: _RollingRows,
-    grid: Grid,
-    downsample: int,
-    input_size: int,
-    pixel_out: BinaryIO,
-    mask_out: BinaryIO,
-    want_thumbnail: bool,
-    on_band: Callable[[], None],
-) -> TiledImage:
-    """The band loop of :func:`tile_image`, over already opened row streams."""
-    size, stride = grid.size, grid.stride
-    factor = pool_factor(size, stride, input_size)
-    thumb_factor = thumbnail_factor(size, stride, grid.height, grid.width)
-    reuse_pooled = factor is not None and stride == size and thumb_factor % factor == 0
-    full = size * downsample
+    thumb_factor = thumbnail_factor(grid.size, grid.stride, grid.height, grid.width)
+    factor = pool_factor(grid.size, grid.stride, input_size)
+    cut = _pooled_rows if factor is not None else _resized_rows
+    rows = cut(reader, mask, grid, level, downsample, input_size, thumb_factor, want_thumbnail)
+    full = grid.size * downsample
     tumor = np.empty((grid.rows, grid.cols), dtype=np.float64)
     thumb_parts: list[np.ndarray] = []
-    for row, y in enumerate(grid.ys.tolist()):
-        band, fresh = image_rows.band(y, y + size)
-        mask_band, _ = mask_rows.band(y * downsample, (y + size) * downsample)
-        if factor is not None:
-            step, mask_factor = stride // factor, factor * downsample
-            sums = block_sum(band, factor)
-            pooled = mean_from_sums(sums, factor**2, dtype)
-            patches = windows(pooled, input_size, step)
-            counts = windows(_mask_sums(mask_band, mask_factor), input_size, step)
-            tumor_counts = counts.sum(axis=(1, 2))
-            scaled = counts.astype(np.uint32) * 255
-            mask_patches = mean_from_sums(scaled, mask_factor**2, np.dtype(np.uint8))
-        else:
-            patches = to_dtype(area_resize(crops(band, grid.xs, size), input_size), dtype)
-            mask_crops = crops(mask_band[:, :, None], grid.xs * downsample, full)
-            tumor_counts = mask_crops.sum(axis=(1, 2, 3))
-            mask_patches = tumor_mask_uint8(area_resize(mask_crops, input_size)[:, 0])
-        pixel_out.write(np.ascontiguousarray(patches).tobytes())
-        mask_out.write(np.ascontiguousarray(mask_patches).tobytes())
-        tumor[row] = tumor_counts / full**2
-        if want_thumbnail and len(fresh):
-            if reuse_pooled:
-                part = block_sum(sums, thumb_factor // factor)  # sums of sums: exact
-            else:
-                part = block_sum(fresh, thumb_factor)
-            thumb_parts.append(part / thumb_factor**2)
-        on_band()
+    with closing(rows):
+        for row, patch_row in enumerate(rows):
+            pixel_out.write(np.ascontiguousarray(patch_row.patches).tobytes())
+            mask_out.write(np.ascontiguousarray(patch_row.mask_patches).tobytes())
+            tumor[row] = patch_row.tumor_counts / full**2
+            if patch_row.thumbnail_sums is not None:
+                thumb_parts.append(patch_row.thumbnail_sums)
+            on_band()
     thumbnail = None
     if want_thumbnail:
-        thumbnail = to_dtype(np.concatenate(thumb_parts), dtype)
+        thumbnail = mean_from_sums(np.concatenate(thumb_parts), thumb_factor**2, reader.dtype)
     return TiledImage(tumor.reshape(-1), thumbnail, thumb_factor * downsample)
+
+
+def _pooled_rows(
+    reader: ImageReader,
+    mask: MaskSource,
+    grid: Grid,
+    level: int,
+    downsample: int,
+    input_size: int,
+    thumb_factor: int,
+    want_thumbnail: bool,
+) -> Generator[_PatchRow, None, None]:
+    """Grid rows from block-sum streams of the image (at ``level``) and the mask.
+
+    The image is streamed as sums over ``base`` x ``base`` blocks, the largest block both
+    the pooling factor and the thumbnail factor are made of (the pooling factor itself
+    on large images); patches and thumbnail are sums of those sums, so both stay exact.
+    Every band boundary falls on a block boundary (the pooling factor divides patch
+    size and stride), so a grid row is a slice of block rows of each stream.
+    """
+    factor = pool_factor(grid.size, grid.stride, input_size)
+    assert factor is not None
+    base = math.gcd(factor, thumb_factor) if want_thumbnail else factor
+    mask_factor = factor * downsample
+    image_sums = _prefetch(
+        chunk
+        for _, chunk in iter_block_sums(reader, base, level, None, grid.covered_height // base)
+    )
+    mask_rows = grid.covered_height // factor
+    mask_sums = _prefetch(chunk for _, chunk in _mask_block_sums(mask, mask_factor, mask_rows))
+    with closing(image_sums), closing(mask_sums):
+        image_stream = _RollingRows(image_sums, grid.covered_width // base)
+        mask_stream = _RollingRows(mask_sums, grid.covered_width // factor)
+        step = grid.stride // factor
+        for y in grid.ys.tolist():
+            base_sums, fresh = image_stream.band(y // base, (y + grid.size) // base)
+            counts, _ = mask_stream.band(y // factor, (y + grid.size) // factor)
+            sums = _coarser(base_sums, factor // base)
+            thumbnail = None
+            if want_thumbnail and len(fresh):
+                thumbnail = _coarser(fresh, thumb_factor // base)
+            pooled = mean_from_sums(sums, factor**2, reader.dtype)
+            patches = windows(pooled, input_size, step)
+            if counts.any():
+                count_windows = windows(counts, input_size, step)
+                scaled = count_windows.astype(np.uint32) * 255
+                mask_patches = mean_from_sums(scaled, mask_factor**2, np.dtype(np.uint8))
+                tumor_counts = count_windows.sum(axis=(1, 2))
+            else:  # most rows of a slide hold no tumor
+                mask_patches = np.zeros((grid.cols, input_size, input_size), np.uint8)
+                tumor_counts = np.zeros(grid.cols, np.int64)
+            yield _PatchRow(patches, mask_patches, tumor_counts, thumbnail)
+
+
+def _coarser(sums: np.ndarray, factor: int) -> np.ndarray:
+    """Sums over ``factor`` x ``factor`` blocks of block sums (exact: sums of sums)."""
+    return sums if factor == 1 else block_sum(sums, factor)
+
+
+def _resized_rows(
+    reader: ImageReader,
+    mask: MaskSource,
+    grid: Grid,
+    level: int,
+    downsample: int,
+    input_size: int,
+    thumb_factor: int,
+    want_thumbnail: bool,
+) -> Generator[_PatchRow, None, None]:
+    """Grid rows from full-resolution bands, each patch area-resized on its own."""
+    size, full = grid.size, grid.size * downsample
+    bands = iter_bands(reader, min(size, grid.stride), level)
+    image_chunks = _prefetch(_until(bands, grid.covered_height))
+    mask_chunks = _prefetch(_until(_mask_chunks(mask), grid.covered_height * downsample))
+    with closing(image_chunks), closing(mask_chunks):
+        image_rows = _RollingRows(image_chunks, grid.covered_width)
+        mask_rows = _RollingRows(mask_chunks, grid.covered_width * downsample)
+        for y in grid.ys.tolist():
+            band, fresh = image_rows.band(y, y + size)
+            mask_band, _ = mask_rows.band(y * downsample, (y + size) * downsample)
+            mask_crops = crops(mask_band[:, :, None], grid.xs * downsample, full)
+            thumbnail = None
+            if want_thumbnail and len(fresh):
+                thumbnail = block_sum(fresh, thumb_factor)
+            yield _PatchRow(
+                patches=to_dtype(area_resize(crops(band, grid.xs, size), input_size), reader.dtype),
+                mask_patches=tumor_mask_uint8(area_resize(mask_crops, input_size)[:, 0]),
+                tumor_counts=mask_crops.sum(axis=(1, 2, 3)),
+                thumbnail_sums=thumbnail,
+            )

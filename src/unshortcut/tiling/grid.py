@@ -105,39 +105,6 @@ def thumbnail_factor(size: int, stride: int, height: int, width: int) -> int:
     return divisors[-1]
 
 
-def _accumulators(dtype: np.dtype, factor: int) -> tuple[type, type]:
-    """Exact accumulator dtypes for summing ``factor`` rows, then ``factor`` columns."""
-    if dtype == np.bool_ or (dtype.kind == "u" and dtype.itemsize == 1):
-        row_acc = np.uint16 if factor <= 257 else np.uint32
-        return row_acc, (np.uint16 if factor <= 16 else np.uint32)
-    if dtype.kind == "u":
-        return np.uint64, np.uint64
-    if dtype.kind == "i":
-        return np.int64, np.int64
-    return np.float64, np.float64
-
-
-def block_sum(values: np.ndarray, factor: int) -> np.ndarray:
-    """Exact sums over ``factor`` x ``factor`` blocks of (h, w, ...) ``values``.
-
-    Written as ``factor`` strided additions of whole rows, then of columns, in small
-    integer accumulators: an order of magnitude faster than converting a band to float
-    and pooling it, which matters because this runs over every decoded pixel.
-    """
-    height, width = values.shape[:2]
-    rest = values.shape[2:]
-    row_acc, col_acc = _accumulators(values.dtype, factor)
-    rows = values.reshape(height // factor, factor, width, *rest)
-    summed = rows[:, 0].astype(row_acc)
-    for i in range(1, factor):
-        summed += rows[:, i]
-    cols = summed.reshape(height // factor, width // factor, factor, *rest)
-    total = cols[:, :, 0].astype(col_acc)
-    for i in range(1, factor):
-        total += cols[:, :, i]
-    return total
-
-
 def windows(pooled: np.ndarray, input_size: int, step: int) -> np.ndarray:
     """Pooled band (S, w[, C]) -> views of patches (cols[, C], S, S) every ``step`` columns."""
     view = np.lib.stride_tricks.sliding_window_view(pooled, input_size, axis=1)[:, ::step]
@@ -147,17 +114,23 @@ def windows(pooled: np.ndarray, input_size: int, step: int) -> np.ndarray:
 def mean_from_sums(sums: np.ndarray, count: int, dtype: np.dtype) -> np.ndarray:
     """Block means from exact block sums, in ``dtype``.
 
-    Integer pixels are rounded half up in integer arithmetic, exact and cheap; floating
-    point pixels are divided.
+    Integer pixels are rounded half up in integer arithmetic, exact and cheap (equal to
+    ``floor(sums / count + 0.5)``); floating point pixels are divided. ``sums`` must be
+    sums of ``count`` values of ``dtype``: that bound, not a scan of the data, decides
+    whether the accumulator has room for the rounding offset.
     """
     dtype = np.dtype(dtype)
     if dtype.kind not in "uib":
         return (sums / count).astype(dtype)
-    if sums.size and int(sums.max()) > np.iinfo(sums.dtype).max - count // 2:
-        sums = sums.astype(np.int64)  # room for the rounding offset
+    largest = 1 if dtype.kind == "b" else int(np.iinfo(dtype).max)
+    if count * largest + count // 2 > np.iinfo(sums.dtype).max:
+        sums = sums.astype(np.int64)
+    rounded = sums + count // 2
     if count & (count - 1) == 0:  # a power of two: shift instead of dividing
-        return ((sums + count // 2) >> (count.bit_length() - 1)).astype(dtype)
-    return ((sums + count // 2) // count).astype(dtype)
+        rounded >>= count.bit_length() - 1
+    else:
+        rounded //= count
+    return rounded.astype(dtype)
 
 
 def crops(band: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:

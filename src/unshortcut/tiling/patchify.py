@@ -20,15 +20,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from unshortcut import __version__
 from unshortcut.atomic import atomic_directory
 from unshortcut.errors import UnshortcutError
 from unshortcut.tiling.bands import tile_image
 from unshortcut.tiling.grid import Grid, labels_from_fractions, make_grid, thumbnail_factor
 from unshortcut.tiling.patchset import (
-    CLASS_NAMES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_FILE,
     MASKS_FILE,
     PIXELS_FILE,
@@ -36,7 +32,7 @@ from unshortcut.tiling.patchset import (
     SPLITS,
     TABLE_FILE,
     NpyAppender,
-    count_table,
+    base_manifest,
     write_manifest,
     write_table,
 )
@@ -425,27 +421,12 @@ def _manifest(
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tool": "unshortcut",
-        "tool_version": __version__,
+        **base_manifest(table, pixel_info["channels"], pixel_info["dtype"], config.input_size),
         "source": str(data_dir.resolve()),
         "parameters": parameters,
         "splits_from": "metadata.csv" if "split" in _columns(metadata) else config.split_unit,
-        "n_patches": len(table),
-        "channels": pixel_info["channels"],
-        "dtype": pixel_info["dtype"],
-        "input_size": config.input_size,
-        "class_names": list(CLASS_NAMES),
-        "splits": list(SPLITS),
-        "counts": count_table(table),
         "images": per_image,
         "metadata_columns": [c for c in _columns(metadata) if c != "image_id"],
-        "files": {
-            "table": TABLE_FILE,
-            "pixels": PIXELS_FILE,
-            "masks": MASKS_FILE,
-        },
     }
 
 

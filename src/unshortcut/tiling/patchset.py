@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from unshortcut import __version__
+from unshortcut.atomic import atomic_directory
 from unshortcut.errors import UnshortcutError
 
 FORMAT_NAME = "unshortcut-patch-set"
@@ -110,6 +112,56 @@ def count_table(table: pd.DataFrame) -> dict[str, dict[str, int]]:
             "non-tumor": int((rows["label"] == 0).sum()),
         }
     return counts
+
+
+def base_manifest(
+    table: pd.DataFrame, channels: int, dtype: np.dtype, input_size: int
+) -> dict[str, Any]:
+    """The manifest fields every patch set carries; writers add how the set was made."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": "unshortcut",
+        "tool_version": __version__,
+        "n_patches": len(table),
+        "channels": int(channels),
+        "dtype": str(np.dtype(dtype)),
+        "input_size": int(input_size),
+        "class_names": list(CLASS_NAMES),
+        "splits": list(SPLITS),
+        "counts": count_table(table),
+        "files": {"table": TABLE_FILE, "pixels": PIXELS_FILE, "masks": MASKS_FILE},
+    }
+
+
+def write_patch_set(
+    path: Path,
+    table: pd.DataFrame,
+    pixels: np.ndarray,
+    masks: np.ndarray,
+    parameters: dict[str, Any],
+    overwrite: bool = False,
+) -> PatchSet:
+    """Write a complete patch set from in-memory arrays, atomically, and open it.
+
+    For patch sets that do not come from ``patchify`` (generated patches, test and
+    benchmark fixtures): ``pixels`` is (N, C, S, S), ``masks`` (N, S, S) uint8, and
+    ``table`` has one row per patch in the same order. ``parameters`` records how the
+    set was made; ``input_size`` is filled in from the pixels.
+    """
+    n, channels, size = len(table), pixels.shape[1], pixels.shape[-1]
+    if pixels.shape != (n, channels, size, size) or masks.shape != (n, size, size):
+        raise ValueError(
+            f"pixels {pixels.shape} and masks {masks.shape} do not match {n} table rows"
+        )
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        write_table(table, tmp / TABLE_FILE)
+        np.save(tmp / PIXELS_FILE, pixels)
+        np.save(tmp / MASKS_FILE, masks.astype(np.uint8, copy=False))
+        manifest = base_manifest(table, channels, pixels.dtype, size)
+        manifest["parameters"] = {**parameters, "input_size": size}
+        write_manifest(manifest, tmp / MANIFEST_FILE)
+    return PatchSet.open(path)
 
 
 class PatchSet:
