@@ -18,8 +18,9 @@ Patch sets are built once and cached under ``bench/work/data/``.
 
 Usage: python bench/robustness.py [--dataset synth|layouts|camelyon16] [--trials N]
        [--seeds S] [--methods erm gerne ...] [--taus 0.5 0.75] [--epochs 12] ...
-Writes bench/results/robustness-<dataset>.json and the "## Robustness (<dataset>)"
-section of docs/benchmarks.md (other sections are kept).
+Writes the dataset's entry of bench/results/robustness.json (one entry per dataset,
+the others kept) and the "## Robustness (<dataset>)" section of docs/benchmarks.md
+(other sections are kept).
 """
 
 from __future__ import annotations
@@ -596,9 +597,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     section = markdown(args.dataset, result, context)
     print(section)
-    results = args.results / f"robustness-{args.dataset}.json"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results, json.dumps({**result, **context}, indent=2) + "\n")
+    results = args.results / "robustness.json"
+    tables = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    tables[args.dataset] = {**result, **context}
+    atomic_write_text(results, json.dumps(tables, indent=2) + "\n")
     doc = args.doc
     atomic_write_text(doc, replace_section(doc.read_text(encoding="utf-8"), section))
     print(f"wrote {results} and the section of {doc}")

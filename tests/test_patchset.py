@@ -17,8 +17,7 @@ from unshortcut.tiling.patchset import (
     NpyAppender,
     PatchSet,
     count_table,
-    write_manifest,
-    write_table,
+    write_patch_set,
 )
 
 
@@ -37,10 +36,8 @@ def test_appender_writes_a_standard_npy(tmp_path: Path) -> None:
     assert np.load(tmp_path / "b.npy").shape == (0, 4, 4)
 
 
-def make_set(path: Path, n: int = 4) -> None:
-    """A tiny valid patch set written with the same functions patchify uses."""
-    path.mkdir()
-    table = pd.DataFrame(
+def toy_table(n: int = 4) -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "patch_id": [f"img@{i * 4},0" for i in range(n)],
             "image_id": "img",
@@ -57,22 +54,28 @@ def make_set(path: Path, n: int = 4) -> None:
             "site": "A",
         }
     )
-    write_table(table, path / "patches.parquet")
-    pixels = NpyAppender(path / "pixels.npy", (3, 2, 2), np.uint8)
-    pixels.append(np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2))
-    pixels.close()
-    masks = NpyAppender(path / "masks.npy", (2, 2), np.uint8)
-    masks.append(np.full((n, 2, 2), 255, np.uint8))
-    masks.close()
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "channels": 3,
-        "dtype": "uint8",
-        "parameters": {"input_size": 2},
-        "counts": count_table(table),
-    }
-    write_manifest(manifest, path / "manifest.json")
+
+
+def make_set(path: Path, n: int = 4) -> PatchSet:
+    """A tiny valid patch set."""
+    pixels = np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2)
+    masks = np.full((n, 2, 2), 255, np.uint8)
+    return write_patch_set(path, toy_table(n), pixels, masks, {"made_by": "test"})
+
+
+def test_write_patch_set_manifest_and_shape_checks(tmp_path: Path) -> None:
+    manifest = make_set(tmp_path / "set").manifest
+    assert manifest["format"] == FORMAT_NAME and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["parameters"] == {"made_by": "test", "input_size": 2}
+    assert (manifest["n_patches"], manifest["channels"], manifest["dtype"]) == (4, 3, "uint8")
+    assert manifest["counts"] == count_table(toy_table())
+    with pytest.raises(ValueError, match=r"do not match 4 table rows"):
+        write_patch_set(
+            tmp_path / "bad", toy_table(), np.zeros((3, 3, 2, 2)), np.zeros((3, 2, 2)), {}
+        )
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(UnshortcutError, match="already exists"):
+        make_set(tmp_path / "set")
 
 
 def test_open_exposes_table_pixels_masks(tmp_path: Path) -> None:
