@@ -19,8 +19,9 @@ Patch sets are built once and cached under ``bench/work/data/``.
 Usage: python bench/robustness.py [--dataset synth|layouts|camelyon16] [--trials N]
        [--seeds S] [--methods erm gerne ...] [--taus 0.5 0.75] [--epochs 12] ...
 Writes the dataset's entry of bench/results/robustness.json (one entry per dataset,
-the others kept) and the "## Robustness (<dataset>)" section of docs/benchmarks.md
-(other sections are kept).
+the others kept), the "## Robustness (<dataset>)" section of docs/benchmarks.md (other
+sections are kept) and the "## What our benchmark shows" section of each method card
+in docs/methods/ (from every dataset in robustness.json).
 """
 
 from __future__ import annotations
@@ -516,6 +517,50 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
     return "\n".join(lines)
 
 
+CARD_HEADING = "## What our benchmark shows"
+
+
+def card_section(method: str, tables: dict[str, dict[str, Any]]) -> str:
+    """A method card's benchmark section: its rows of every dataset's table, beside ERM's."""
+    lines = [
+        CARD_HEADING,
+        "",
+        "Written by `python bench/robustness.py` from `bench/results/robustness.json` "
+        "(protocol and every other method in docs/benchmarks.md). Test %, mean ± std over "
+        "seeds; trial and checkpoint chosen by validation worst-group accuracy.",
+        "",
+        "| data | tau | balanced accuracy | worst-group accuracy | ERM worst-group accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    found = False
+    for dataset, table in tables.items():
+        known = {(r["method"], r["tau"]): r for r in table["rows"] if r["protocol"] == KNOWN.name}
+        for (name, tau), row in known.items():
+            if name != method:
+                continue
+            found = True
+            erm = known.get(("erm", tau))
+            lines.append(
+                f"| {dataset} | {tau:g} | {_pct(row['balanced_accuracy'])} | "
+                f"{_pct(row['worst_group_accuracy'])} | "
+                f"{_pct(erm['worst_group_accuracy']) if erm else 'n/a'} |"
+            )
+    if not found:
+        return ""
+    return "\n".join(lines) + "\n"
+
+
+def update_cards(cards: Path, tables: dict[str, dict[str, Any]]) -> list[Path]:
+    """Rewrite the benchmark section of every method card in ``cards`` that has results."""
+    written = []
+    for card in sorted(cards.glob("*.md")):
+        section = card_section(card.stem, tables)
+        if section:
+            atomic_write_text(card, replace_section(card.read_text(encoding="utf-8"), section))
+            written.append(card)
+    return written
+
+
 def replace_section(text: str, section: str) -> str:
     """``text`` with the section of ``section``'s first line (up to the next ``## ``) replaced.
 
@@ -561,6 +606,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "robustness")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--cards", type=Path, default=ROOT / "docs" / "methods")
     args = p.parse_args(argv)
     if args.trials < 1 or args.seeds < 1:
         p.error("--trials and --seeds must be at least 1")
@@ -603,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(results, json.dumps(tables, indent=2) + "\n")
     doc = args.doc
     atomic_write_text(doc, replace_section(doc.read_text(encoding="utf-8"), section))
-    print(f"wrote {results} and the section of {doc}")
+    cards = update_cards(args.cards, tables)
+    print(f"wrote {results}, the section of {doc} and {len(cards)} method cards in {args.cards}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,22 @@ def test_replace_section_keeps_the_other_sections() -> None:
     assert robustness.replace_section(text, other) == text + "\n" + other
 
 
+def test_method_cards_quote_their_rows_beside_erm(tmp_path: Path) -> None:
+    tables = {
+        "synth": {"rows": [_row("erm", 0.5, 0.86, 0.351), _row("gerne", 0.5, 0.867, 0.719)]},
+        "layouts": {"rows": [_row("gerne", 0.5, 0.70, 0.25)]},
+    }
+    card = tmp_path / "gerne.md"
+    card.write_text("# GERNE\n\n## What our benchmark shows\n\nold\n\n## Notes\n\nkept\n")
+    (tmp_path / "lff.md").write_text("# LfF\n")
+    assert robustness.update_cards(tmp_path, tables) == [card]
+    text = card.read_text()
+    assert "| synth | 0.5 | 86.7 ± 0.0 | 71.9 ± 0.0 | 35.1 ± 0.0 |" in text
+    assert "| layouts | 0.5 | 70.0 ± 0.0 | 25.0 ± 0.0 | n/a |" in text
+    assert "old" not in text and text.endswith("## Notes\n\nkept\n")
+    assert (tmp_path / "lff.md").read_text() == "# LfF\n"  # no results: untouched
+
+
 @pytest.mark.slow
 def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> None:
     patches = write_toy_patch_set(tmp_path / "patches", n=240)
