@@ -533,7 +533,9 @@ def card_section(method: str, tables: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|---|",
     ]
     found = False
-    for dataset, table in tables.items():
+    ordered = sorted(tables, key=lambda d: DATASETS.index(d) if d in DATASETS else len(DATASETS))
+    for dataset in ordered:
+        table = tables[dataset]
         known = {(r["method"], r["tau"]): r for r in table["rows"] if r["protocol"] == KNOWN.name}
         for (name, tau), row in known.items():
             if name != method:
@@ -547,6 +549,13 @@ def card_section(method: str, tables: dict[str, dict[str, Any]]) -> str:
             )
     if not found:
         return ""
+    sizes = [
+        f"{d} {tables[d]['counts']['train']['tumor']} / {tables[d]['counts']['train']['patches']}"
+        for d in ordered
+        if "counts" in tables[d]
+    ]
+    if sizes:
+        lines += ["", f"Training patches (tumor / all): {', '.join(sizes)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,10 @@ def test_replace_section_keeps_the_other_sections() -> None:
 def test_method_cards_quote_their_rows_beside_erm(tmp_path: Path) -> None:
     tables = {
         "synth": {"rows": [_row("erm", 0.5, 0.86, 0.351), _row("gerne", 0.5, 0.867, 0.719)]},
-        "layouts": {"rows": [_row("gerne", 0.5, 0.70, 0.25)]},
+        "layouts": {
+            "rows": [_row("gerne", 0.5, 0.70, 0.25)],
+            "counts": {"train": {"patches": 3185, "tumor": 89}},
+        },
     }
     card = tmp_path / "gerne.md"
     card.write_text("# GERNE\n\n## What our benchmark shows\n\nold\n\n## Notes\n\nkept\n")
@@ -94,6 +97,7 @@ def test_method_cards_quote_their_rows_beside_erm(tmp_path: Path) -> None:
     text = card.read_text()
     assert "| synth | 0.5 | 86.7 ± 0.0 | 71.9 ± 0.0 | 35.1 ± 0.0 |" in text
     assert "| layouts | 0.5 | 70.0 ± 0.0 | 25.0 ± 0.0 | n/a |" in text
+    assert "Training patches (tumor / all): layouts 89 / 3185." in text
     assert "old" not in text and text.endswith("## Notes\n\nkept\n")
     assert (tmp_path / "lff.md").read_text() == "# LfF\n"  # no results: untouched
 
