@@ -116,6 +116,12 @@ def iter_bands(
 #: Rows per band when block sums are taken from full-width bands (non-tiled sources).
 BLOCK_SUM_BAND_ROWS = 256
 
+
+def block_band_rows(factor: int, rows: int = BLOCK_SUM_BAND_ROWS) -> int:
+    """About ``rows`` rows, rounded to a whole number (at least one) of ``factor`` blocks."""
+    return max(1, rows // factor) * factor
+
+
 TileReduce = Callable[[np.ndarray], np.ndarray]
 """Maps decoded (h, w, C) pixels to the one (h, w) value map to block-sum (a binarised
 mask, say)."""
@@ -145,7 +151,7 @@ def iter_block_sums(
         return
     height, width = reader.level_shape(level)
     limit = _block_limit(height, factor, rows)
-    step = max(1, BLOCK_SUM_BAND_ROWS // factor) * factor
+    step = block_band_rows(factor)
     bands = (
         (y, reader.read_region(y, 0, min(step, limit * factor - y), width, level))
         for y in range(0, limit * factor, step)
@@ -581,7 +587,7 @@ class TiffReader(_ReaderBase):
             and entry.tile[1] % factor == 0
             and (prepare is None or len(entry.pages) * entry.planes == 1)
         ):
-            step = max(1, BLOCK_SUM_BAND_ROWS // factor) * factor
+            step = block_band_rows(factor)
             yield from block_sums_of_bands(self.iter_bands(step, level), factor, prepare, limit)
             return
         tile_blocks = entry.tile[0] // factor
@@ -756,34 +762,20 @@ class TiffReader(_ReaderBase):
             return None
         (tile_h, tile_w), (rows, cols) = entry.tile, entry.grid
         height, width = entry.shape
-        per_plane = rows * cols
-        shapes: dict[bytes | None, set[tuple[int, int]]] = {}
-        first: dict[bytes | None, tuple[Any, int]] = {}
-        with self._lock:
-            fh = self._tif.filehandle
-            for page in entry.pages:
-                for index, (offset, count) in enumerate(
-                    zip(page.dataoffsets, page.databytecounts, strict=True)
-                ):
-                    data = None
-                    if offset and count:
-                        fh.seek(offset)
-                        data = fh.read(count)
-                    ty, tx = divmod(index % per_plane, cols)
-                    valid = (min(tile_h, height - ty * tile_h), min(tile_w, width - tx * tile_w))
-                    shapes.setdefault(data, set()).add(valid)
-                    first.setdefault(data, (page, index))
-        decode = self._decoder(entry, None)
+        by_valid_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for page_i, page in enumerate(entry.pages):
+            for index in range(len(page.dataoffsets)):
+                ty, tx = divmod(index % (rows * cols), cols)
+                valid = (min(tile_h, height - ty * tile_h), min(tile_w, width - tx * tile_w))
+                by_valid_shape.setdefault(valid, []).append((page_i, index))
+        peaks = [0.0]
+        for (h, w), keys in by_valid_shape.items():
 
-        def peak(data: bytes | None) -> float:
-            page, index = first[data]
-            tile = decode((0, page, index, data))
-            return max(float(tile[:h, :w].max(initial=0)) for h, w in shapes[data])
+            def peak(tile: np.ndarray, h: int = h, w: int = w) -> np.ndarray:
+                return np.asarray(tile[:h, :w].max(initial=0))
 
-        try:
-            return max(_executor().map(peak, list(shapes)), default=0.0)
-        except Exception as exc:
-            raise self._decode_error(exc) from None
+            peaks += [float(p) for p in self._tiles(level, entry, keys, False, reduce=peak)]
+        return max(peaks)
 
     def close(self) -> None:
         self._cache.clear()

@@ -31,7 +31,12 @@ import numpy as np
 
 from unshortcut.blocks import block_sum
 from unshortcut.io.base import ImageReader
-from unshortcut.io.readers import block_sums_of_bands, iter_bands, iter_block_sums
+from unshortcut.io.readers import (
+    block_band_rows,
+    block_sums_of_bands,
+    iter_bands,
+    iter_block_sums,
+)
 from unshortcut.tiling.grid import (
     Grid,
     area_resize,
@@ -172,7 +177,7 @@ def _mask_block_sums(mask: MaskSource, factor: int, rows: int) -> Iterator[tuple
     if own is not None:
         yield from own(factor, rows)
         return
-    step = max(1, _MASK_CHUNK_ROWS // factor) * factor
+    step = block_band_rows(factor, _MASK_CHUNK_ROWS)
     width, end = mask.shape[1], rows * factor
     bands = ((y, mask.read_region(y, 0, min(step, end - y), width)) for y in range(0, end, step))
     yield from block_sums_of_bands(bands, factor, None, rows)

@@ -49,7 +49,7 @@ from scipy import ndimage
 from unshortcut.errors import UnshortcutError
 from unshortcut.io.base import ImageReader
 from unshortcut.io.masks import open_mask
-from unshortcut.io.readers import iter_bands
+from unshortcut.io.readers import block_band_rows, iter_bands
 
 Polarity = Literal["auto", "bright-background", "dark-background"]
 Method = Literal["otsu", "threshold"]
@@ -245,7 +245,7 @@ def thumbnail_of(reader: ImageReader, max_side: int = 2048) -> tuple[np.ndarray,
     height, width = reader.level_shape(level)
     factor = math.ceil(max(height, width) / max_side)
     row_bytes = width * reader.channels * np.dtype(reader.dtype).itemsize
-    band = max(1, BAND_BYTES // max(row_bytes, 1) // factor) * factor
+    band = block_band_rows(factor, BAND_BYTES // max(row_bytes, 1))
     pixels = _block_mean(iter_bands(reader, band, level), factor)
     return pixels.astype(np.float32), _level_downsample(reader, level) * factor
 
@@ -288,7 +288,7 @@ def tissue_from_mask_file(
                 f"{shape[1]} x {shape[0]} (width x height) at any scale"
             )
         factor = max(1, math.floor(downsample / scale + 1e-9))
-        band = max(1, (2**24 // max(mask_w, 1)) // factor) * factor
+        band = block_band_rows(factor, 2**24 // max(mask_w, 1))
         bands = ((y, b[..., None]) for y, b in mask.iter_bands(band))
         if factor == 1:
             full = np.concatenate([b[..., 0] for _, b in bands])
