@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,39 +44,41 @@ import numpy as np
 import torch
 
 from unshortcut.atomic import atomic_write_text
-from unshortcut.config import RESUME_FREE_FIELDS, TrainConfig, load_config
+from unshortcut.config import TrainConfig, load_config
 from unshortcut.errors import UnshortcutError
-from unshortcut.methods import GroupedSplit
+from unshortcut.inference import resolve_device
+from unshortcut.methods import GroupedSplit, method_names
+from unshortcut.runs import config_differences, read_json
 from unshortcut.search import Protocol, Trial, random_trials, read_run, select_best
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.tiling.patchset import PatchSet
-from unshortcut.train import TrainingDiverged, load_run_data, resolve_device, train
+from unshortcut.train import TrainingDiverged, train, training_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATA_CACHE = ROOT / "bench" / "work" / "data"
 DATASETS = ("synth", "layouts", "camelyon16")
-METHODS = (
-    "erm",
-    "cb_erm",
-    "resample",
-    "reweight",
-    "groupdro",
-    "jtt",
-    "dfr",
-    "lff",
-    "gerne",
-    "gerne_unknown",
-)
+METHODS = tuple(method_names())
+"""Every registered method, in registration order (ERM first)."""
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {"gerne": {"bn-joint": {"bn": "joint"}}}
+"""Per method, variants of its chosen trial run with the same seeds (name: hp override)."""
 LAYOUT_SIZE = 2048
 """Longest image side for the layouts set: 32 images render in about 30 s on one core."""
 KNOWN = Protocol(train_attributes=True, val_attributes=True)
 UNKNOWN = Protocol(train_attributes=True, val_attributes=False)
 CHECKPOINT_METHODS = ("erm", "gerne")
 CHECKPOINT_CRITERIA = ("balanced_accuracy", "worst_group_accuracy")
-SUMMARY_KEYS = ("balanced_accuracy", "worst_group_accuracy", "worst_class_accuracy", "accuracy")
+SUMMARY_KEYS = (
+    "balanced_accuracy",
+    "worst_group_accuracy",
+    "worst_class_accuracy",
+    "accuracy",
+    "robust_auroc",
+)
+REPORTED = ("balanced_accuracy", "worst_group_accuracy", "robust_auroc")
+"""Test metrics every table row reports (mean, std and values over seeds)."""
 DIVERGED = "diverged.txt"
 """Written into a run folder whose training diverged: not selectable, not retried."""
 
@@ -99,11 +101,18 @@ class Settings:
     def protocols(self) -> tuple[Protocol, ...]:
         return (KNOWN, UNKNOWN) if self.val_unknown else (KNOWN,)
 
-    def expected_runs(self) -> tuple[int, int, int]:
-        """(trial runs, seed runs of the main protocol, at most this many more for the other)."""
+    def expected_runs(self) -> tuple[int, int, int, int]:
+        """(trial runs, seed runs of the main protocol, at most this many more for the
+        other protocol, ablation runs)."""
         cells = len(self.methods) * len(self.taus)
         extra = cells * (self.seeds - 1) if self.val_unknown else 0
-        return cells * self.trials, cells * (self.seeds - 1), extra
+        variants = sum(len(ABLATIONS.get(m, {})) for m in self.methods)
+        return (
+            cells * self.trials,
+            cells * (self.seeds - 1),
+            extra,
+            variants * len(self.taus) * self.seeds,
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,8 +155,7 @@ def _shared(name: str) -> Path:
 def train_split(patches: Path, tau: float) -> GroupedSplit:
     """The training split grouped at ``tau`` (GERNE's beta draws must respect its beta_max)."""
     config = load_config(patches=patches, out=patches, taus=[tau])  # nothing is written
-    data = load_run_data(patches, device=torch.device("cpu"), splits=("train",), config=config)
-    return data.splits["train"]
+    return training_data(config, torch.device("cpu"), splits=("train",)).splits["train"]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -155,11 +163,7 @@ def train_split(patches: Path, tau: float) -> GroupedSplit:
 
 def _same_settings(run: Path, config: TrainConfig) -> None:
     """Refuse to reuse a finished run trained with other settings (the folder says too little)."""
-    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    wanted = config.to_json_dict()
-    free = RESUME_FREE_FIELDS | {"hp"}
-    differ = [k for k, v in wanted.items() if k not in free and saved.get(k) != v]
-    differ += [f"hp.{k}" for k, v in config.hp.items() if saved.get("hp", {}).get(k) != v]
+    differ = config_differences(read_json(run / "config.json"), config)
     if differ:
         raise UnshortcutError(
             f"{run}: finished with other settings ({', '.join(differ)}); delete it or pass "
@@ -180,12 +184,14 @@ class Runner:
     warned: set[str] = field(default_factory=set)
     start: float = field(default_factory=time.monotonic)
 
-    def folder(self, method: str, tau: float, trial: int, seed: int) -> Path:
-        return self.work / f"tau{tau:g}" / method / f"trial{trial}-seed{seed}"
+    def folder(self, method: str, tau: float, trial: int, seed: int, variant: str = "") -> Path:
+        name = method if not variant else f"{method}@{variant}"
+        return self.work / f"tau{tau:g}" / name / f"trial{trial}-seed{seed}"
 
-    def run(self, tau: float, trial: Trial, seed: int) -> Path:
-        """The run folder of ``trial`` at ``seed``, trained unless already finished."""
-        run = self.folder(trial.method, tau, trial.index, seed)
+    def run(self, tau: float, trial: Trial, seed: int, variant: str = "") -> Path:
+        """The run folder of ``trial`` (an ablation ``variant`` of it) at ``seed``, trained
+        unless already finished."""
+        run = self.folder(trial.method, tau, trial.index, seed, variant)
         if run in self.runs:
             return run
         s = self.settings
@@ -222,7 +228,7 @@ class Runner:
                     self.warned.add(str(warning.message))
                     self.log(f"warning: {warning.message}")
         self.runs[run] = {
-            "method": trial.method,
+            "method": trial.method if not variant else f"{trial.method}@{variant}",
             "tau": tau,
             "trial": trial.index,
             "seed": seed,
@@ -295,7 +301,7 @@ def summarize(trial: Trial, tau: float, protocol: Protocol, runs: list[Path]) ->
         "seeds_finished": len(done),
         "seeds_run": len(runs),
         "runs": [str(run) for run in runs],
-        **{key: mean_std([t.get(key) for t in tests]) for key in CHECKPOINT_CRITERIA},
+        **{key: mean_std([t.get(key) for t in tests]) for key in REPORTED},
     }
 
 
@@ -310,7 +316,7 @@ def checkpoint_rows(trial: Trial, tau: float, runs: list[Path]) -> list[dict[str
                 "method": trial.method,
                 "tau": tau,
                 "selected_by": criterion,
-                **{key: mean_std([t.get(key) for t in tests]) for key in CHECKPOINT_CRITERIA},
+                **{key: mean_std([t.get(key) for t in tests]) for key in REPORTED},
             }
         )
     return rows
@@ -336,21 +342,19 @@ def run_experiment(
     patches: Path, work: Path, settings: Settings, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Every run of the experiment (reusing finished ones), then the aggregated tables."""
-    n_trials, n_seeds, n_extra = settings.expected_runs()
-    already = sum(
-        1
-        for tau in settings.taus
-        for method in settings.methods
-        for _ in (work / f"tau{tau:g}" / method).glob("trial*-seed*/metrics.json")
-    )
+    n_trials, n_seeds, n_extra, n_ablation = settings.expected_runs()
+    already = len(list(work.glob("tau*/*/trial*-seed*/metrics.json")))
     log(
         f"expected runs: {n_trials} trials + {n_seeds} seeds"
         + (f" + at most {n_extra} seeds for {UNKNOWN.name}" if n_extra else "")
+        + (f" + {n_ablation} ablation runs" if n_ablation else "")
         + f"; {already} already finished in {work}"
     )
-    runner = Runner(patches, work, settings, expected=n_trials + n_seeds + n_extra, log=log)
+    expected = n_trials + n_seeds + n_extra + n_ablation
+    runner = Runner(patches, work, settings, expected=expected, log=log)
     rows: list[dict[str, Any]] = []
     selection_rows: list[dict[str, Any]] = []
+    ablation_rows: list[dict[str, Any]] = []
     for tau in settings.taus:
         split = train_split(patches, tau)
         trials = {m: random_trials(m, settings.trials, train=split) for m in settings.methods}
@@ -366,11 +370,25 @@ def run_experiment(
                 trial = trials[method][folders[method].index(summary.path)]
                 seeds = [runner.run(tau, trial, seed) for seed in range(settings.seeds)]
                 chosen.append((protocol, trial, seeds))
+        ablated = [
+            (replace(trial, hparams=trial.hparams | override), variant)
+            for protocol, trial, _ in chosen
+            if protocol == KNOWN
+            for variant, override in ABLATIONS.get(trial.method, {}).items()
+        ]
+        ablation_seeds = [
+            [runner.run(tau, trial, seed, variant) for seed in range(settings.seeds)]
+            for trial, variant in ablated
+        ]
         # Every choice at this tau is made: only now are test values read.
         for protocol, trial, seeds in chosen:
             rows.append(summarize(trial, tau, protocol, seeds))
             if protocol == KNOWN and trial.method in CHECKPOINT_METHODS:
                 selection_rows.extend(checkpoint_rows(trial, tau, seeds))
+        for (trial, variant), seeds in zip(ablated, ablation_seeds, strict=True):
+            ablation_rows.append(
+                summarize(trial, tau, KNOWN, seeds) | {"method": f"{trial.method}@{variant}"}
+            )
     trained = [info["seconds"] for info in runner.runs.values() if info["seconds"] is not None]
     return {
         "settings": asdict(settings),
@@ -378,6 +396,7 @@ def run_experiment(
         "counts": split_counts(patches),
         "rows": rows,
         "checkpoint_selection": selection_rows,
+        "ablation": ablation_rows,
         "floors": floors(rows),
         "runs_trained": len(trained),
         "runs_reused": len(runner.runs) - len(trained),
@@ -425,6 +444,17 @@ def _pct(stat: dict[str, Any]) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
+def _table_row(r: dict[str, Any], last: str) -> str:
+    """A markdown row: method, tau, test BCA / WGA / robust AUROC (mean ± std), ``last``."""
+    seeds = r["seeds_finished"], r["seeds_run"]
+    note = "" if seeds[0] == seeds[1] else f" ({seeds[0]}/{seeds[1]} seeds)"
+    auroc = r.get("robust_auroc")
+    return (
+        f"| {r['method']} | {r['tau']:g} | {_pct(r['balanced_accuracy'])}{note} | "
+        f"{_pct(r['worst_group_accuracy'])} | {_pct(auroc) if auroc else 'n/a'} | {last} |"
+    )
+
+
 def _hparams(hp: dict[str, Any]) -> str:
     if not hp:
         return "(none)"
@@ -464,18 +494,11 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
         lines += [
             titles[protocol.name],
             "",
-            "| method | tau | test BCA mean ± std | test WGA mean ± std "
-            "| selected hyperparameters |",
-            "|---|---|---|---|---|",
+            "| method | tau | test BCA | test WGA | test robust AUROC | selected hyperparameters |",
+            "|---|---|---|---|---|---|",
         ]
         for r in rows:
-            seeds = r["seeds_finished"], r["seeds_run"]
-            note = "" if seeds[0] == seeds[1] else f" ({seeds[0]}/{seeds[1]} seeds)"
-            lines.append(
-                f"| {r['method']} | {r['tau']:g} | {_pct(r['balanced_accuracy'])}{note} | "
-                f"{_pct(r['worst_group_accuracy'])} | "
-                f"trial {r['trial']}: {_hparams(r['hparams'])} |"
-            )
+            lines.append(_table_row(r, f"trial {r['trial']}: {_hparams(r['hparams'])}"))
         if protocol == UNKNOWN:
             known = dict.fromkeys(
                 r["method"] for r in result["rows"] if r["protocol"] == KNOWN.name
@@ -500,6 +523,17 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
                 f"| {r['method']} | {r['tau']:g} | {r['selected_by']} | "
                 f"{_pct(r['balanced_accuracy'])} | {_pct(r['worst_group_accuracy'])} |"
             )
+        lines.append("")
+    if result.get("ablation"):
+        lines += [
+            "Ablation: the chosen trial with another setting, same seeds (attributes known "
+            "at validation):",
+            "",
+            "| variant | tau | test BCA | test WGA | test robust AUROC | setting |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["ablation"]:
+            lines.append(_table_row(r, _hparams(r["hparams"])))
         lines.append("")
     if result["floors"]:
         lines += [f"Floors: {result['floors']}", ""]

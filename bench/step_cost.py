@@ -1,39 +1,49 @@
-"""GERNE step cost: training samples per second of ERM, GERNE and a naive two-backward GERNE.
+"""GERNE step cost: training samples per second of ERM and the GERNE variants, side by side.
 
-All three train the same small CNN at the same total batch size on random patches:
+All variants train the same model at the same total batch size on random patches,
+through the methods' own ``train_step`` (batch drawing included):
 
-- erm: one shuffled batch of ``batch`` rows, one forward, one backward;
-- gerne: the registered method (two class-balanced half batches, one forward over their
-  concatenation, one backward of ``(1 + beta) L_lb - beta L_b``), batch drawing included;
-- two_backward: the naive implementation of the same update, a forward and a backward
-  per half batch with the losses scaled by ``-beta`` and ``1 + beta`` (same gradient
-  without BatchNorm, or with frozen BatchNorm; with shared statistics it differs).
+- erm: one shuffled batch, one forward, one backward;
+- gerne: the default, the paper's update: a forward pass per batch (biased, less-biased),
+  one backward of ``(1 + beta) L_lb - beta L_b``;
+- gerne_joint: one forward over both batches concatenated, one backward (``bn=joint``);
+- two_backward: the naive implementation, a forward and a backward per batch with the
+  losses scaled by ``-beta`` and ``1 + beta`` (the same gradient as gerne).
 
-Steps alternate between the variants (erm, gerne, two_backward, erm, ...) so that load on
-a shared machine hits them alike; each variant's rate is its batch size over its median
-step time, which ignores steps slowed by other processes.
+Steps alternate between the variants (erm, gerne, ..., erm, ...) so that load on a shared
+machine hits them alike. The steps are cut into blocks; each block gives every variant's
+rate (batch size over its median step time in the block), and the table reports the
+mean and spread over blocks of each rate and of its cost per sample relative to ERM.
+Writes bench/results/step_cost.json (rows layout) and prints the table.
 
-Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 100]``.
+Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 200] [--blocks 5]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.nn import functional as F
 
+from unshortcut.atomic import atomic_write_text
 from unshortcut.methods import Batch, GroupedSplit, get_method
 from unshortcut.models import build_model
 
 FLOOR = 1.15  # GERNE may cost at most this many times ERM per sample
+VARIANTS = ("erm", "gerne", "gerne_joint", "two_backward")
+RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
 
 
 def make_data(n: int, size: int, seed: int) -> tuple[GroupedSplit, torch.Tensor]:
@@ -41,7 +51,7 @@ def make_data(n: int, size: int, seed: int) -> tuple[GroupedSplit, torch.Tensor]
     rng = np.random.default_rng(seed)
     labels = rng.integers(2, size=n)
     attributes = np.where(rng.uniform(size=n) < 0.9, labels, 1 - labels)
-    split = GroupedSplit(labels, attributes, np.zeros(n).astype(str), 2, 2)
+    split = GroupedSplit.from_attributes(labels, attributes, np.zeros(n).astype(str), 2, 2)
     return split, torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -60,22 +70,29 @@ def two_backward_step(model: torch.nn.Module, batch: Batch, beta: float) -> None
     """Naive GERNE: separate forward/backward passes for the biased and less-biased halves."""
     half = len(batch.y) // 2
     for part, scale in ((slice(0, half), -beta), (slice(half, None), 1.0 + beta)):
-        loss = F.cross_entropy(model(batch.x[part]), batch.y[part])
+        loss = torch.nn.functional.cross_entropy(model(batch.x[part]), batch.y[part])
         (scale * loss).backward()
 
 
 def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     """A closure running one training step of a variant; returns its duration in seconds."""
     split, pixels = make_data(4096, args.size, seed=0)
-    ctx = SimpleNamespace(
-        train=split, val=split, batch_size=args.batch, seed=0, device=torch.device("cpu")
-    )
-    method = get_method("erm" if name == "erm" else "gerne")(
-        ctx, **({} if name == "erm" else {"beta": args.beta})
-    )
     torch.manual_seed(0)
-    model = build_model("small_cnn", 3, 2, args.size).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model = build_model(args.model, 3, 2, args.size).train()
+    ctx = SimpleNamespace(
+        train=split,
+        val=split,
+        batch_size=args.batch,
+        seed=0,
+        device=torch.device("cpu"),
+        pretrained=False,
+        make_optimizer=lambda params, *_: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+    )
+    hp = {"gerne_joint": {"bn": "joint"}}.get(name, {})
+    method = get_method("erm" if name == "erm" else "gerne")(
+        ctx, **({} if name == "erm" else {"beta": args.beta} | hp)
+    )
+    optimizers = method.optimizers(model)
     rng = np.random.default_rng(1)
 
     def batches():
@@ -86,12 +103,14 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
 
     def step() -> None:
         batch = batch_of(split, pixels, next(stream))
-        optimizer.zero_grad(set_to_none=True)
         if name == "two_backward":
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
             two_backward_step(model, batch, args.beta)
+            for optimizer in optimizers.values():
+                optimizer.step()
         else:
-            method.loss(model, batch).backward()
-        optimizer.step()
+            method.train_step(model, batch, optimizers)
 
     def timed() -> float:
         start = time.perf_counter()
@@ -103,43 +122,77 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     return timed
 
 
+def stat(values: list[float]) -> dict[str, object]:
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "values": values}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--size", type=int, default=32, help="input size in pixels")
     parser.add_argument("--batch", type=int, default=64, help="total batch size")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per variant")
+    parser.add_argument("--blocks", type=int, default=5, help="blocks the steps are cut into")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    names = ("erm", "gerne", "two_backward")
-    timers = {name: run_variant(name, args) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.steps):
-        for name in names:
-            times[name].append(timers[name]())
-    median = {name: args.batch / statistics.median(values) for name, values in times.items()}
+    timers = {name: run_variant(name, args) for name in VARIANTS}
+    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    per_block = max(1, args.steps // args.blocks)
+    for _ in range(args.blocks):
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(per_block):
+            for name in VARIANTS:
+                times[name].append(timers[name]())
+        for name in VARIANTS:
+            rates[name].append(args.batch / statistics.median(times[name]))
 
-    table = Table(
-        title=f"GERNE step cost: small_cnn, {args.size} px, 3 channels, batch {args.batch}, "
-        f"CPU x{args.threads}, median of {args.steps} interleaved steps each"
-    )
-    for column in ("variant", "samples/s", "cost per sample vs ERM", "vs GERNE"):
-        table.add_column(column, justify="right")
-    for name in names:
-        table.add_row(
-            name,
-            f"{median[name]:.0f}",
-            f"{median['erm'] / median[name]:.3f}x",
-            f"{median['gerne'] / median[name]:.3f}x",
+    rows = []
+    for name in VARIANTS:
+        cost = [erm / rate for erm, rate in zip(rates["erm"], rates[name], strict=True)]
+        rows.append(
+            {"variant": name, "samples_per_s": stat(rates[name]), "cost_vs_erm": stat(cost)}
         )
-    console = Console()
+    title = (
+        f"GERNE step cost: {args.model}, {args.size} px, 3 channels, batch {args.batch}, "
+        f"beta {args.beta:g}, CPU x{args.threads}, {args.blocks} blocks of {per_block} "
+        "interleaved steps"
+    )
+    table = Table(title=title)
+    for column in ("variant", "samples/s", "cost per sample vs ERM"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        rate, cost = row["samples_per_s"], row["cost_vs_erm"]
+        table.add_row(
+            row["variant"],
+            f"{rate['mean']:.0f} ± {rate['std']:.0f}",
+            f"{cost['mean']:.3f}x ± {cost['std']:.3f}",
+        )
+    console = Console(width=100)
     console.print(table)
-    ratio = median["erm"] / median["gerne"]
+    ratio = rows[1]["cost_vs_erm"]["mean"]
     verdict = "within" if ratio <= FLOOR else "ABOVE"
     console.print(f"GERNE / ERM cost per sample: {ratio:.3f} ({verdict} the {FLOOR}x floor)")
+    atomic_write_text(
+        args.results,
+        json.dumps(
+            {
+                "title": title,
+                "rows": rows,
+                "floor": FLOOR,
+                "command": shlex.join(["python", "bench/step_cost.py", *sys.argv[1:]]),
+                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData
 from unshortcut.methods import Batch, get_method
 from unshortcut.tiling.patchset import write_patch_set
-from unshortcut.train import LoopContext, load_run_data, make_optimizer, train_epoch
+from unshortcut.train import LoopContext, train_epoch, training_data
 
 FLOOR = 0.90
 WORK = Path(__file__).resolve().parent / "work" / "train_throughput"
@@ -94,7 +94,8 @@ class InMemory(SplitData):
         if augmentation is not None:
             x, mask = augmentation(x, mask, generator)
         y, attribute = self._labels[t], self._attributes[t]
-        return Batch(x, y, attribute, y * self.split.n_attributes + attribute, t, mask)
+        group = y * self.split.n_attributes + attribute
+        return Batch(x, y, attribute, group, t, self._bins[t], self._values[t], mask)
 
 
 def main() -> None:
@@ -115,7 +116,7 @@ def main() -> None:
         patches=patches, out=WORK / "unused", batch_size=args.batch, model=args.model
     )
     device = torch.device(args.device)
-    data = load_run_data(patches, device=device, splits=("train", "val"), config=config)
+    data = training_data(config, device)
     ctx = LoopContext(config, data, device)
     method = get_method("erm")(ctx)
     memory = InMemory(data.loaders["train"])
@@ -130,12 +131,12 @@ def main() -> None:
     for round_ in range(args.rounds + 1):  # round 0 warms caches and kernels
         for name, (loader, prefetch) in loaders.items():
             model = ctx.new_model()
-            optimizer = make_optimizer(list(model.parameters()), config, 0.01, 1e-4)
+            optimizers = method.optimizers(model)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             train_epoch(
-                model, method, loader, optimizer, epoch=round_, seed=0, stream=0,
+                model, method, loader, optimizers, epoch=round_, seed=0, stream=0,
                 augmentation=ctx.augmentation, prefetch=prefetch,
             )  # fmt: skip
             if device.type == "cuda":

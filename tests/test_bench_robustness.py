@@ -45,8 +45,8 @@ def _row(method: str, tau: float, bca: float, wga: float) -> dict:
 
 
 def test_expected_runs_and_mean_std() -> None:
-    assert robustness.Settings().expected_runs() == (200, 40, 40)
-    assert robustness.Settings(seeds=1, val_unknown=False).expected_runs() == (200, 0, 0)
+    assert robustness.Settings().expected_runs() == (200, 40, 40, 6)
+    assert robustness.Settings(seeds=1, val_unknown=False).expected_runs() == (200, 0, 0, 2)
     stat = robustness.mean_std([0.5, None, 0.7])
     assert stat["mean"] == pytest.approx(0.6)
     assert stat["std"] == pytest.approx(math.sqrt(0.02))  # ddof 1: ((0.1^2) * 2) / 1
@@ -111,9 +111,19 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
     )
     lines: list[str] = []
     result = robustness.run_experiment(patches, work, settings, log=lines.append)
-    assert lines[0] == f"expected runs: 4 trials + 0 seeds; 0 already finished in {work}"
-    assert lines[1].startswith("[1/4] erm tau=0.5 trial 0 seed 0: val WGA ")
-    assert result["runs_trained"] == 4 and result["runs_reused"] == 0
+    assert lines[0] == (
+        f"expected runs: 4 trials + 0 seeds + 2 ablation runs; 0 already finished in {work}"
+    )
+    assert lines[1].startswith("[1/6] erm tau=0.5 trial 0 seed 0: val WGA ")
+    assert result["runs_trained"] == 6 and result["runs_reused"] == 0
+    # The ablation: GERNE's chosen trial with joint BatchNorm, same seeds, own folders.
+    assert [(r["method"], r["tau"], r["hparams"]["bn"]) for r in result["ablation"]] == [
+        ("gerne@bn-joint", 0.5, "joint"),
+        ("gerne@bn-joint", 0.75, "joint"),
+    ]
+    assert Path(result["ablation"][0]["runs"][0]) == work / "tau0.5" / "gerne@bn-joint" / (
+        "trial0-seed0"
+    )
 
     known = [r for r in result["rows"] if r["protocol"] == robustness.KNOWN.name]
     assert [(r["method"], r["tau"]) for r in known] == [
@@ -124,8 +134,9 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
     ]
     assert known[1]["hparams"] == {  # trial 0: the defaults
         "c": 0.5,
-        "beta": 0.5,
-        "bn": "shared",
+        "beta": 1.0,
+        "bn": "separate",
+        "on_runaway": "stop",
         "lr": 0.01,
         "weight_decay": 1e-4,
     }
@@ -134,7 +145,7 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
         assert run == work / f"tau{row['tau']:g}" / row["method"] / "trial0-seed0"
         metrics = json.loads((run / "metrics.json").read_text())
         test = metrics["by_criterion"][row["criterion"]]["test"]
-        for key in ("balanced_accuracy", "worst_group_accuracy"):
+        for key in ("balanced_accuracy", "worst_group_accuracy", "robust_auroc"):
             assert row[key] == {"mean": test[key], "std": 0.0, "values": [test[key]]}
     wga = {(r["method"], r["tau"]): r["worst_group_accuracy"]["mean"] for r in known}
     gap = 100 * (wga[("gerne", 0.5)] - wga[("erm", 0.5)])
@@ -156,8 +167,8 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
     shutil.rmtree(work / "tau0.5" / "erm" / "trial0-seed0" / "checkpoints")
     lines.clear()
     again = robustness.run_experiment(patches, work, settings, log=lines.append)
-    assert lines[0].endswith(f"2 already finished in {work}")
-    assert again["runs_trained"] == 2 and again["runs_reused"] == 2
+    assert lines[0].endswith(f"4 already finished in {work}")
+    assert again["runs_trained"] == 2 and again["runs_reused"] == 4
     assert again["rows"] == result["rows"]
 
     with pytest.raises(UnshortcutError, match=r"finished with other settings \(epochs\)"):

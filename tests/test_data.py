@@ -72,7 +72,7 @@ def write_toy_patch_set(
 def _split_data(ps: PatchSet, split: str, norm: Normalization) -> SplitData:
     rows = ps.rows(split)
     labels = ps.table["label"].to_numpy()[rows]
-    grouped = GroupedSplit(
+    grouped = GroupedSplit.from_attributes(
         labels=labels,
         attributes=(ps.table["tissue_ratio"].to_numpy()[rows] >= 0.5).astype(np.int64),
         image_ids=ps.table["image_id"].to_numpy()[rows],

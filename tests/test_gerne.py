@@ -23,8 +23,16 @@ from unshortcut.methods.gerne import (
 COUNTS_2 = np.array([[90, 10], [20, 80]])
 
 
-def gerne(counts=COUNTS_2, batch_size=40, batchnorm=False, name="gerne", **hp):
-    ctx = FakeContext(make_split(counts), make_split(counts), batch_size, batchnorm=batchnorm)
+def gerne(counts=COUNTS_2, batch_size=40, batchnorm=False, name="gerne", pretrained=None, **hp):
+    """A GERNE method on a fake context; frozen BatchNorm gets a 'pretrained' model."""
+    pretrained = hp.get("bn") == "frozen" if pretrained is None else pretrained
+    ctx = FakeContext(
+        make_split(counts),
+        make_split(counts),
+        batch_size,
+        batchnorm=batchnorm,
+        pretrained=pretrained,
+    )
     return get_method(name)(ctx, **hp)
 
 
@@ -58,7 +66,7 @@ def test_validate_refuses_beta_outside_bound_and_names_it() -> None:
     gerne(beta=3.5, c=0.5)  # exactly beta_max is allowed
     with pytest.raises(UnshortcutError, match=r"beta=3.6 is outside \[-1, 3.5\]"):
         gerne(beta=3.6, c=0.5)
-    with pytest.raises(UnshortcutError, match="outside"):
+    with pytest.raises(UnshortcutError, match=r"beta=-1.01 is below -1; beta = -1 already"):
         gerne(beta=-1.01)
     with pytest.raises(UnshortcutError, match=r"c=0.0 must lie in \(0, 1\]"):
         gerne(c=0.0)
@@ -123,7 +131,50 @@ def _one_batch(method):
     return method.ctx.batch(rows)
 
 
-@pytest.mark.parametrize(("batchnorm", "bn"), [(False, "shared"), (True, "frozen")])
+def _rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Relative error of two whole gradients (all parameters flattened together)."""
+    flat_a, flat_b = torch.cat([g.ravel() for g in a]), torch.cat([g.ravel() for g in b])
+    return float((flat_a - flat_b).norm() / flat_b.norm())
+
+
+@pytest.mark.parametrize("beta", [-1.0, 0.0, 0.5, 1.0, 2.5])
+def test_default_step_is_the_papers_update_with_batchnorm(beta: float) -> None:
+    """bn=separate: the step equals g_lb + beta (g_lb - g_b) of two separate backward
+    passes, each batch normalised with its own statistics (BatchNorm in training mode)."""
+    method = gerne(batchnorm=True, beta=beta, c=0.5)
+    assert method.hp["bn"] == "separate"
+    model = method.ctx.new_model().train()
+    batch = _one_batch(method)
+    half = len(batch.y) // 2
+    biased, less = batch.select(slice(0, half)), batch.select(slice(half, None))
+
+    method.loss(model, batch).backward()
+    single = _grads(model)
+    F.cross_entropy(model(less.x), less.y).backward()
+    grad_lb = _grads(model)
+    F.cross_entropy(model(biased.x), biased.y).backward()
+    grad_b = _grads(model)
+    expected = [g_lb + beta * (g_lb - g_b) for g_lb, g_b in zip(grad_lb, grad_b, strict=True)]
+    assert _rel_error(single, expected) < 1e-5
+    if beta == -1.0:  # class-balanced ERM on the same batch composition: the biased batch
+        cb = get_method("cb_erm")(method.ctx)
+        assert method.loss(model, batch).item() == pytest.approx(cb.loss(model, biased).item())
+        assert _rel_error(single, grad_b) < 1e-5
+
+
+def test_joint_batchnorm_mixes_the_batches_and_differs_from_the_papers_step() -> None:
+    method = gerne(batchnorm=True, beta=1.0, c=0.5, bn="joint")
+    model = method.ctx.new_model().train()
+    batch = _one_batch(method)
+    method.loss(model, batch).backward()
+    joint = _grads(model)
+    separate = gerne(batchnorm=True, beta=1.0, c=0.5)
+    separate.loss(model, batch).backward()
+    exact = _grads(model)
+    assert _rel_error(joint, exact) > 1e-3
+
+
+@pytest.mark.parametrize(("batchnorm", "bn"), [(False, "joint"), (True, "frozen")])
 @pytest.mark.parametrize("beta", [-1.0, 0.0, 0.7, 2.5])
 def test_single_backward_equals_two_backward_extrapolation(batchnorm, bn, beta) -> None:
     method = gerne(batchnorm=batchnorm, bn=bn, beta=beta, c=0.5)
@@ -150,10 +201,47 @@ def test_single_backward_equals_two_backward_extrapolation(batchnorm, bn, beta) 
     assert loss.item() == pytest.approx(((1 + beta) * loss_lb - beta * loss_b).item(), rel=1e-6)
     for g, g_lb, g_b in zip(single, grad_lb, grad_b, strict=True):
         torch.testing.assert_close(g, (1 + beta) * g_lb - beta * g_b, rtol=1e-5, atol=1e-6)
-    if beta == -1.0:  # class-balanced ERM: the biased batch alone
-        assert loss.item() == pytest.approx(loss_b.item(), rel=1e-6)
-        for g, g_b in zip(single, grad_b, strict=True):
-            torch.testing.assert_close(g, g_b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_logs_both_batches_and_steps_once() -> None:
+    method = gerne(beta=1.0)
+    model = method.ctx.new_model().train()
+    batch = _one_batch(method)
+    half = len(batch.y) // 2
+    with torch.no_grad():
+        loss_b, loss_lb = _losses(model, batch, half)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    terms = method.train_step(model, batch, {"model": optimizer})
+    assert terms["loss_biased"] == pytest.approx(loss_b.item(), rel=1e-6)
+    assert terms["loss_less_biased"] == pytest.approx(loss_lb.item(), rel=1e-6)
+    assert terms["loss"] == pytest.approx(2 * loss_lb.item() - loss_b.item(), rel=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_runaway_extrapolated_loss_warns_and_stops() -> None:
+    method = gerne(beta=1.0)
+    model = method.ctx.new_model()
+    method.on_epoch_end(0, model, {"loss": 0.4, "loss_biased": 0.3, "loss_less_biased": 0.35})
+    assert method.stop_reason() is None
+    with pytest.warns(UserWarning, match=r"ran away at epoch 3 \(mean -2.500 < 0.*training stops"):
+        method.on_epoch_end(3, model, {"loss": -2.5, "loss_biased": 6.0, "loss_less_biased": 1.75})
+    assert method.stop_reason() is not None and "lower beta (now 1)" in method.stop_reason()
+    assert method.run_report()["runaway"] == method.stop_reason()
+    resumed = gerne(beta=1.0)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.stop_reason() == method.stop_reason()
+    going_on = gerne(beta=1.0, on_runaway="warn")
+    with pytest.warns(UserWarning, match="training goes on"):
+        going_on.on_epoch_end(3, model, {"loss": -1.0, "loss_biased": 4.0, "loss_less_biased": 1.5})
+    assert going_on.stop_reason() is None and going_on.run_report()["runaway"] is not None
+    with pytest.raises(UnshortcutError, match="on_runaway='never'"):
+        gerne(on_runaway="never")
+
+
+def test_frozen_batchnorm_without_pretrained_weights_warns() -> None:
+    with pytest.warns(UserWarning, match="bn=frozen on a model trained from scratch"):
+        gerne(bn="frozen", pretrained=False)
 
 
 def test_c_one_beta_zero_is_group_resampling() -> None:
@@ -166,8 +254,8 @@ def test_c_one_beta_zero_is_group_resampling() -> None:
     assert method.loss(model, batch).item() == pytest.approx(_losses(model, batch, half)[1].item())
 
 
-def test_bn_modes_shared_updates_statistics_frozen_does_not() -> None:
-    for bn, changes in (("shared", True), ("frozen", False)):
+def test_bn_modes_update_statistics_except_frozen() -> None:
+    for bn, changes in (("separate", True), ("joint", True), ("frozen", False)):
         method = gerne(batchnorm=True, bn=bn)
         model = method.ctx.new_model().train()
         before = model.body[1].running_mean.clone()
@@ -210,10 +298,10 @@ def test_gerne_unknown_prepares_pseudo_groups_and_resumes() -> None:
     method.prepare()
     assert ctx.auxiliary_calls == [
         {
+            "method": "cb_erm",
             "epochs": 2,
             "lr_factor": 0.1,
             "weight_decay_factor": 2.0,
-            "class_balanced": True,
             "select_by": "balanced_accuracy",
         }
     ]

@@ -136,7 +136,7 @@ def test_jtt_upweights_error_set_by_exactly_lambda_up() -> None:
     probs[errors] = probs[errors][:, ::-1]
     ctx.auxiliary_probs = probs
     method.prepare()
-    assert ctx.auxiliary_calls == [{"epochs": 3}]
+    assert ctx.auxiliary_calls == [{"method": "erm", "epochs": 3}]
     np.testing.assert_array_equal(method.error_set, errors)
     rows = np.concatenate(list(method.epoch_batches(0, np.random.default_rng(0))))
     seen = np.bincount(rows, minlength=len(ctx.train))

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from unshortcut.methods import Batch, GroupedSplit
+from unshortcut.models import ModelOutput
 
 N_FEATURES = 5
 
@@ -31,8 +32,15 @@ class TinyNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def outputs(self, x: torch.Tensor) -> ModelOutput:
+        features = self.features(x)
+        return ModelOutput(logits=self.head(features), features=features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def last_layer(self) -> nn.Linear:
+        return self.head
 
 
 def make_split(counts: np.ndarray, n_images: int = 10, seed: int = 0) -> GroupedSplit:
@@ -41,7 +49,9 @@ def make_split(counts: np.ndarray, n_images: int = 10, seed: int = 0) -> Grouped
     labels = np.repeat(np.arange(counts.shape[0]), counts.sum(axis=1))
     attributes = np.concatenate([np.repeat(np.arange(counts.shape[1]), row) for row in counts])
     images = np.array([f"img{i % n_images}" for i in range(len(labels))])
-    return GroupedSplit(labels, attributes, images, counts.shape[0], counts.shape[1])
+    return GroupedSplit.from_attributes(
+        labels, attributes, images, counts.shape[0], counts.shape[1]
+    )
 
 
 @dataclass
@@ -54,6 +64,7 @@ class FakeContext:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batchnorm: bool = False
+    pretrained: bool = False
     auxiliary_probs: np.ndarray | None = None
     auxiliary_calls: list[dict[str, Any]] = field(default_factory=list)
 
@@ -70,8 +81,13 @@ class FakeContext:
         torch.manual_seed(self.seed)
         return TinyNet(self.train.n_classes, self.batchnorm)
 
-    def fit_auxiliary(self, **kwargs: Any) -> nn.Module:
-        self.auxiliary_calls.append(kwargs)
+    def make_optimizer(
+        self, params: Any, lr_factor: float = 1.0, weight_decay_factor: float = 1.0
+    ) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(params), lr=0.1 * lr_factor)
+
+    def fit_auxiliary(self, method: Any, **kwargs: Any) -> nn.Module:
+        self.auxiliary_calls.append({"method": method.name, **kwargs})
         self.auxiliary = self.new_model()
         return self.auxiliary
 
@@ -95,6 +111,8 @@ class FakeContext:
             attribute=torch.as_tensor(split.attributes)[index],
             group=torch.as_tensor(split.groups)[index],
             index=index,
+            bins=torch.as_tensor(split.bins)[index],
+            values=torch.as_tensor(split.values, dtype=torch.float32)[index],
         )
 
 

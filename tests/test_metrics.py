@@ -15,7 +15,7 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.metrics import (
     SELECTION_CRITERIA,
     evaluate_predictions,
-    rarest_attribute_per_class,
+    robust_bins_per_class,
     selection_value,
 )
 
@@ -24,7 +24,7 @@ NAMES = ["non-tumor|a<0.5", "non-tumor|a>=0.5", "tumor|a<0.5", "tumor|a>=0.5"]
 
 def _evaluate(labels, scores, attributes, image_ids=None, **kw: Any) -> dict[str, Any]:
     labels = np.asarray(labels)
-    kw.setdefault("rare_attribute_by_class", [1, 0])
+    kw.setdefault("robust_bins_by_class", [[1], [0]])
     kw.setdefault("n_bootstrap", 200)
     return evaluate_predictions(
         labels=labels,
@@ -136,14 +136,14 @@ def test_hand_computed_groups() -> None:
 
 
 def test_hand_computed_robust_auroc() -> None:
-    # Rare bins from the training split: tumor is rare in bin 0, non-tumor in bin 1.
+    # Robust bins from the training split: tumor is rare in bin 0, non-tumor in bin 1.
     train_labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
     train_attributes = np.array([0, 1, 1, 1, 0, 0, 0, 1, 1])
-    assert rarest_attribute_per_class(train_labels, train_attributes, 2, 2) == [1, 0]
+    assert robust_bins_per_class(train_labels, train_attributes, 2, 2) == [[1], [0]]
     labels = [1, 1, 0, 0, 0, 1, 0]
     attributes = [0, 0, 1, 1, 1, 1, 0]  # the last two rows are not in the robust subset
     scores = [0.2, 0.6, 0.1, 0.6, 0.7, 0.99, 0.0]
-    m = _evaluate(labels, scores, attributes, rare_attribute_by_class=[1, 0])
+    m = _evaluate(labels, scores, attributes, robust_bins_by_class=[[1], [0]])
     # Positives 0.2, 0.6 vs negatives 0.1, 0.6, 0.7: 0.2 beats 0.1 (1); 0.6 beats 0.1 (1)
     # and ties 0.6 (1/2): 2.5 of 6 pairs.
     assert m["robust_auroc"] == pytest.approx(2.5 / 6)
@@ -201,13 +201,32 @@ def _assert_plain_json(value: Any) -> None:
         assert value is None or type(value) in (str, int, float, bool)
 
 
-def test_rarest_attribute_per_class_ignores_empty_bins_and_breaks_ties_low() -> None:
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
-    attributes = np.array([0, 0, 2, 2, 0, 1, 1, 2, 2])
-    # Class 0: bins 0 and 2 hold 2 each, bin 1 none -> 0. Class 1: 1, 2, 2 -> bin 0.
-    assert rarest_attribute_per_class(labels, attributes, 2, 3) == [0, 0]
+def test_robust_bins_follow_shares_not_sizes() -> None:
+    """The shortcut bins are where a class's share is lowest, not where it has fewest rows."""
+    # Bin 0: 30 tumor, 270 non-tumor (tumor share 0.1); bin 1: 10 tumor, 5 non-tumor (0.67).
+    # Tumor has its fewest rows in bin 1, but the shortcut points away from tumor in bin 0.
+    labels = np.array([1] * 30 + [0] * 270 + [1] * 10 + [0] * 5)
+    attributes = np.array([0] * 300 + [1] * 15)
+    assert robust_bins_per_class(labels, attributes, 2, 2) == [[1], [0]]
+    # Robust AUROC scores tumor patches of bin 0 against non-tumor patches of bin 1.
+    scores = np.where(attributes == 1, 0.9, 0.1)
+    scores[:30] = 0.6  # tumor in bin 0 scores below every non-tumor patch of bin 1
+    m = _evaluate(labels, scores, attributes, robust_bins_by_class=[[1], [0]], n_bootstrap=0)
+    assert m["robust_auroc"] == pytest.approx(0.0)  # 0.6 < 0.9 for every pair
+    rarest_by_size = _evaluate(
+        labels, scores, attributes, robust_bins_by_class=[[1], [1]], n_bootstrap=0
+    )
+    assert rarest_by_size["robust_auroc"] == pytest.approx(0.5)  # bin-1 tumor ties at 0.9
+
+
+def test_robust_bins_with_several_bins_ties_and_empty_bins() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    attributes = np.array([0, 0, 2, 2, 0, 0, 3, 3, 2, 2])
+    # Shares of class 0: bin 0 2/4, bin 2 2/4, bin 3 0/2 (bin 1 holds no rows: ignored).
+    # Shares of class 1: bin 0 2/4, bin 2 2/4, bin 3 2/2: bins 0 and 2 tie.
+    assert robust_bins_per_class(labels, attributes, 2, 4) == [[3], [0, 2]]
     with pytest.raises(ValueError, match="no rows of class 1"):
-        rarest_attribute_per_class(np.zeros(3, int), np.array([0, 1, 2]), 2, 3)
+        robust_bins_per_class(np.zeros(3, int), np.array([0, 1, 2]), 2, 3)
 
 
 # --- bootstrap ---------------------------------------------------------------------------
@@ -305,13 +324,43 @@ def test_bootstrap_warns_about_replicates_without_a_group() -> None:
     count = int(lacking[0].split()[1])
     assert lacking[0] == (
         f"bootstrap: {count} of 500 replicates lack group tumor|a<0.5 (worst-group and "
-        "group-balanced accuracy there use the groups present)"
+        "group-balanced accuracy are undefined there and left out of their intervals)"
     )
     assert 0.3 < count / 500 < 0.45  # (1 - 1/11) ** 11 = 0.35
+    # The group's patches are all right, the other tumor patches too, non-tumor ones at
+    # 0.2 too: every defined replicate has WGA 1.0; the undefined ones are not 0.0.
+    assert m["worst_group_accuracy_ci"] == [1.0, 1.0]
+    assert m["ci_notes"]["worst_group_accuracy"] == (
+        f"interval from the {500 - count} of 500 replicates where worst_group_accuracy is "
+        "defined (the others lack a group or class)"
+    )
+    assert "accuracy" not in m["ci_notes"]
     images = np.arange(40) % 3
     few = _evaluate(images == 1, [0.2] * 40, [0, 1] * 20, image_ids=images)
     assert any("only 3 image(s)" in w for w in few["warnings"])
     assert any("replicates lack class" in w for w in few["warnings"])
+
+
+def test_no_interval_where_most_replicates_lack_a_group_or_one_image() -> None:
+    # Each group lives in one image of four: a resample holds every group only when it
+    # draws all four images, 4! / 4^4 = 9% of the time.
+    labels = [1, 1, 0, 0]
+    attributes = [0, 1, 0, 1]
+    scores = [0.9, 0.9, 0.1, 0.1]
+    m = _evaluate(labels, scores, attributes, image_ids=[0, 1, 2, 3], n_bootstrap=400)
+    assert m["worst_group_accuracy"] == 1.0
+    assert m["worst_group_accuracy_ci"] is None
+    assert m["ci_notes"]["worst_group_accuracy"].endswith(
+        "bootstrap replicates lack a group or class that worst_group_accuracy needs, so "
+        "there is no interval"
+    )
+    one = _evaluate([0, 1, 0, 1], [0.2, 0.8, 0.3, 0.4], [0, 1, 1, 0], image_ids=[7] * 4)
+    assert all(one[f"{name}_ci"] is None for name in CI_NAMES)
+    reason = (
+        "1 image in the split: an image-level bootstrap needs at least 2, so there is no interval"
+    )
+    assert one["ci_notes"] == dict.fromkeys(CI_NAMES, reason)
+    assert reason in one["warnings"]
 
 
 def test_no_bootstrap() -> None:

@@ -15,7 +15,6 @@ from unshortcut.methods.gerne import beta_max
 from unshortcut.search import (
     PROTOCOLS,
     grid_trials,
-    grid_values,
     random_trials,
     select_best,
     stable_seed,
@@ -45,23 +44,39 @@ def test_integer_and_log_ranges() -> None:
     for trial in random_trials("jtt", 20):
         assert isinstance(trial.hparams["lambda_up"], int) and 2 <= trial.hparams["lambda_up"] <= 50
     spec = get_method("dfr").hparams["C"]
-    np.testing.assert_allclose(grid_values(spec, 3), [0.01, np.sqrt(0.1), 10.0])
-    assert grid_values(get_method("jtt").hparams["epochs"], 3) == [1, 3, 5]
+    np.testing.assert_allclose(spec.grid(3), [0.01, np.sqrt(0.1), 10.0])
+    assert get_method("jtt").hparams["epochs"].grid(3) == [1, 3, 5]
 
 
-def test_gerne_draws_respect_beta_max_on_the_data() -> None:
-    train = make_split([[95, 5], [5, 95]])  # alpha_max = 0.95: a tight bound
-    trials = random_trials("gerne", 30, train=train)
+def test_gerne_draws_the_strength_over_its_feasible_range() -> None:
+    train = make_split([[95, 5], [5, 95]])  # alpha_max = 0.95: s_max = 0.95 / 0.45
+    s_max = 0.95 / 0.45
+    trials = random_trials("gerne", 200, train=train)
     alpha = train.attribute_given_class()
-    for trial in trials:
-        assert -1 <= trial.hparams["beta"] <= beta_max(alpha, trial.hparams["c"]) + 1e-9
-    unconstrained = random_trials("gerne", 30)
-    assert any(
-        t.hparams["beta"] > beta_max(alpha, t.hparams["c"]) for t in unconstrained
-    )  # the redraw mattered
+    strengths = []
+    for trial in trials[1:]:
+        c, beta = trial.hparams["c"], trial.hparams["beta"]
+        assert c in (0.5, 1.0)
+        assert -1 < beta <= beta_max(alpha, c) + 1e-9
+        strengths.append(c * (beta + 1))
+    strengths = np.array(strengths)
+    assert strengths.min() >= 0.5 and strengths.max() <= s_max + 1e-9
+    # Uniform over [0.5, s_max]: a third below plain resampling (s = 1), none at beta = -1.
+    assert np.mean(strengths < 1) == pytest.approx(0.5 / (s_max - 0.5), abs=0.1)
+    assert {t.hparams["c"] for t in trials[1:]} == {0.5, 1.0}
+    assert trials[0].hparams == {"c": 0.5, "beta": 1.0, "bn": "separate", "on_runaway": "stop"}
     grid = grid_trials("gerne", points=3, train=train)
-    assert 0 < len(grid) < 9  # beta = 2 with c = 1 is infeasible here
-    assert len({tuple(sorted(t.hparams.items())) for t in grid}) == len(grid)
+    assert [(t.hparams["c"], round(t.hparams["c"] * (t.hparams["beta"] + 1), 6)) for t in grid] == [
+        (c, round(s, 6)) for c in (0.5, 1.0) for s in np.linspace(0.5, s_max, 3)
+    ]
+
+
+def test_gerne_unknown_draws_t_on_a_log_scale() -> None:
+    train = make_split([[500, 500], [500, 500]])
+    ts = np.array([t.hparams["t"] for t in random_trials("gerne_unknown", 200, train=train)[1:]])
+    assert ts.min() >= 1e-3 and ts.max() <= 0.45
+    # log-uniform on [1e-3, 0.45]: the median is the geometric mean, about 0.021.
+    assert np.median(ts) == pytest.approx(np.sqrt(1e-3 * 0.45), rel=0.35)
 
 
 def _write_run(folder: Path, method: str, hp: dict, val: tuple, test: tuple) -> Path:

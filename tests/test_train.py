@@ -17,10 +17,11 @@ from test_data import write_toy_patch_set
 from unshortcut.cli import app
 from unshortcut.config import CRITERIA, TrainConfig, load_config, parse_hp
 from unshortcut.errors import UnshortcutError
-from unshortcut.evaluate import evaluate_run, load_model, open_run
-from unshortcut.methods import method_names
+from unshortcut.evaluate import evaluate_run
+from unshortcut.methods import get_method, method_names
 from unshortcut.methods.erm import ERM
-from unshortcut.train import LoopContext, load_run_data, reproducible, train
+from unshortcut.runs import load_model, open_run
+from unshortcut.train import LoopContext, reproducible, train, training_data
 
 # One torch thread: on a shared 2-core machine OpenMP teams of 2 stall on each other.
 FAST = {
@@ -75,9 +76,15 @@ def test_run_folder_contract(reference_run: Path) -> None:
         # Predictions are enough to recompute the metrics independently.
         pred = pd.read_parquet(reference_run / "predictions" / f"{split}.parquet")
         assert list(pred.columns) == [
-            "patch_id", "image_id", "label", "group", "attribute", "score", "prediction"
+            "patch_id", "image_id", "label", "group", "attribute", "score", "prediction",
+            "loss", "trained_on",
         ]  # fmt: skip
         assert (pred["prediction"] == (pred["score"] >= 0.5)).all()
+        assert not pred["trained_on"].any()
+        # The loss recomputes from the stored probabilities, to float64 precision.
+        picked = np.where(pred["label"] == 1, pred["score"], 1 - pred["score"])
+        np.testing.assert_allclose(pred["loss"], -np.log(picked), rtol=1e-9, atol=1e-12)
+        assert m["loss"] == pytest.approx(pred["loss"].mean(), rel=1e-12)
         correct = pred["prediction"] == pred["label"]
         assert m["accuracy"] == pytest.approx(correct.mean())
         per_group = correct.groupby(pred["group"]).mean()
@@ -198,19 +205,18 @@ def test_fit_auxiliary_is_deterministic_and_selects_on_validation(patches: Path)
     config = _config(patches, Path("unused"), augment=False)
     results = []
     for _ in range(2):
-        data = load_run_data(
-            patches, device=torch.device("cpu"), splits=("train", "val"), config=config
-        )
+        data = training_data(config, torch.device("cpu"))
         ctx = LoopContext(config, data, torch.device("cpu"))
         with reproducible(config, torch.device("cpu")):
             model = ctx.fit_auxiliary(
-                epochs=2, select_by="worst_class_accuracy", class_balanced=True
+                get_method("cb_erm")(ctx), epochs=2, select_by="worst_class_accuracy"
             )
             results.append(ctx.predict(model, "val"))
-            weighted = ctx.fit_auxiliary(epochs=1, row_weights=np.arange(len(ctx.train)) % 2 + 0.5)
-            assert ctx.features(weighted, "val").shape == (len(ctx.val), weighted.n_features)
+            plain = ctx.fit_auxiliary(get_method("erm")(ctx), epochs=1, lr_factor=0.5)
+            assert ctx.features(plain, "val").shape == (len(ctx.val), plain.n_features)
     np.testing.assert_array_equal(results[0], results[1])
     assert results[0].shape == (len(data.splits["val"]), 2)
+    assert "test" not in data.splits  # auxiliary training never loads the test split
 
 
 def test_config_file_and_flags_merge(tmp_path: Path) -> None:
@@ -221,7 +227,7 @@ def test_config_file_and_flags_merge(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     config = load_config(file, lr=0.1, hp=parse_hp(["beta=3.5", "name=x"]), taus=None)
-    assert (config.epochs, config.lr, config.patches) == (7, 0.1, Path("p"))
+    assert (config.epochs, config.lr, config.patches) == (7, 0.1, Path("p").resolve())
     assert config.hp == {"alpha": 1, "beta": 3.5, "name": "x"}
     with pytest.raises(UnshortcutError, match="select_by"):
         load_config(file, select_by=["median"])
@@ -333,3 +339,111 @@ def test_every_registered_method_trains_and_resumes_exactly(
         train(resumed, progress=False, on_epoch_end=crash)
     train(resumed, resume=True, progress=False)
     assert _read(resumed.out / "metrics.json") == _read(whole / "metrics.json")
+
+
+def test_cli_prints_metric_warnings_after_the_tables(patches: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _cli(patches, "--out", out)
+    assert result.exit_code == 0, result.output
+    # 48 validation patches in 4 groups: every group is below 30 patches.
+    warning = "warning: val: group tumor|tissue_ratio>=0.5 has"
+    assert warning in result.output
+    assert result.output.index(warning) > result.output.index("headline metrics")
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--bootstrap", "10"])
+    assert result.exit_code == 0, result.output
+    assert "warning: test: group" in result.output and "(< 30)" in result.output
+
+
+def test_evaluate_reproduces_a_dfr_run_and_predictions_recompute_it(
+    patches: Path, tmp_path: Path
+) -> None:
+    run = train(_config(patches, tmp_path / "dfr", method="dfr", epochs=2), progress=False)
+    metrics = json.loads(_read(run / "metrics.json"))
+    val = pd.read_parquet(run / "predictions" / "val.parquet")
+    assert val["trained_on"].sum() == len(val) - metrics["val_rows_scored"] > 0
+    scored = val[~val["trained_on"]]
+    correct = scored["prediction"] == scored["label"]
+    assert metrics["val"]["n"] == len(scored)
+    assert metrics["val"]["worst_group_accuracy"] == pytest.approx(
+        correct.groupby(scored["group"]).mean().min()
+    )
+    assert metrics["val"]["loss"] == pytest.approx(scored["loss"].mean(), rel=1e-12)
+    _, again = evaluate_run(run, bootstrap=metrics["val"]["bootstrap"]["replicates"])
+    for split in ("val", "test"):
+        for key in ("n", "worst_group_accuracy", "balanced_accuracy", "auroc", "robust_auroc",
+                    "loss", "worst_group_accuracy_ci"):  # fmt: skip
+            assert again[split][key] == pytest.approx(metrics[split][key], rel=1e-9), (split, key)
+
+
+class _TwoOptimizers(ERM):
+    """A method with an extra module, its own optimizer and two loss terms: a probe
+    predicting the attribute bin from detached features, stepped before the model."""
+
+    name = "toy_two_optimizers"
+
+    def __init__(self, ctx: Any, **hp: Any) -> None:
+        super().__init__(ctx, **hp)
+        self.probe = torch.nn.Linear(16 * 8, ctx.train.n_attributes)
+        self.probe_steps = 0
+
+    def extra_modules(self) -> torch.nn.Module:
+        return self.probe
+
+    def optimizers(self, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+        return {
+            "model": self.ctx.make_optimizer(model.parameters()),
+            "probe": torch.optim.Adam(self.probe.parameters(), lr=1e-2),
+        }
+
+    def train_step(self, model: Any, batch: Any, optimizers: Any) -> dict[str, float]:
+        out = model.outputs(batch.x)
+        probe_loss = torch.nn.functional.cross_entropy(
+            self.probe(out.features.detach()), batch.attribute
+        )
+        optimizers["probe"].zero_grad()
+        probe_loss.backward()
+        optimizers["probe"].step()
+        self.probe_steps += 1
+        loss = torch.nn.functional.cross_entropy(out.logits, batch.y)
+        optimizers["model"].zero_grad()
+        loss.backward()
+        optimizers["model"].step()
+        return {"loss": float(loss.detach()), "probe": float(probe_loss.detach())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe_steps": self.probe_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.probe_steps = state["probe_steps"]
+
+
+def test_a_method_with_its_own_optimizer_trains_logs_and_resumes_exactly(
+    patches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unshortcut.methods import registry
+
+    monkeypatch.setitem(registry._REGISTRY, _TwoOptimizers.name, _TwoOptimizers)
+    config = _config(patches, tmp_path / "whole", method=_TwoOptimizers.name, model="small_cnn")
+    whole = train(config, progress=False)
+    history = [json.loads(line) for line in _read(whole / "history.jsonl").splitlines()]
+    assert all(set(h["train"]) == {"loss", "probe"} for h in history)
+    assert history[-1]["train"]["probe"] < history[0]["train"]["probe"]
+    last = torch.load(whole / "checkpoints" / "last.pt", weights_only=False)
+    assert set(last["optimizers"]) == {"model", "probe"}
+    assert last["optimizers"]["probe"]["state"]  # Adam moments are checkpointed
+    assert last["method"] == {"probe_steps": 3 * 5}  # 144 train rows / 32: 5 steps an epoch
+
+    resumed = config.model_copy(update={"out": tmp_path / "resumed"})
+
+    def crash(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, progress=False, on_epoch_end=crash)
+    train(resumed, resume=True, progress=False)
+    for name in ("metrics.json", "history.jsonl"):
+        assert _read(resumed.out / name) == _read(whole / name)
+    again = torch.load(resumed.out / "checkpoints" / "last.pt", weights_only=False)
+    for key, value in last["extra"].items():
+        torch.testing.assert_close(again["extra"][key], value, rtol=0, atol=0)

@@ -220,7 +220,8 @@ def train_command(
     import warnings
 
     from unshortcut.config import load_config, parse_hp
-    from unshortcut.evaluate import open_run, results_tables
+    from unshortcut.evaluate import metric_warnings, results_tables
+    from unshortcut.runs import open_run
     from unshortcut.train import train
 
     settings = load_config(
@@ -242,10 +243,16 @@ def train_command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
-    for warning in caught:
-        error_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
-    for table in results_tables(open_run(run).metrics, f"{settings.method} ({run})"):
+    metrics = open_run(run).metrics
+    for table in results_tables(metrics, f"{settings.method} ({run})"):
         console.print(table)
+    _print_warnings([str(w.message) for w in caught] + metric_warnings(metrics))
+
+
+def _print_warnings(texts: list[str]) -> None:
+    """Each warning once, after the results, where a person reads them."""
+    for text in dict.fromkeys(texts):
+        error_console.print(f"[yellow]warning:[/] {text}", highlight=False)
 
 
 @command("evaluate")
@@ -270,13 +277,14 @@ def evaluate_command(
     The run's own group thresholds and training normalisation are applied, so the
     numbers compare with the run's metrics.json.
     """
-    from unshortcut.evaluate import evaluate_run, results_tables
+    from unshortcut.evaluate import evaluate_run, metric_warnings, results_tables
 
     folder, metrics = evaluate_run(
         run, patches, name=name, criterion=criterion, bootstrap=bootstrap, device=device
     )
     for table in results_tables(metrics, str(metrics["patches"])):
         console.print(table)
+    _print_warnings(metric_warnings(metrics))
     console.print(f"written: {folder}")
 
 

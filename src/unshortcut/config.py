@@ -51,6 +51,12 @@ class TrainConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     prefetch: bool = True
 
+    @field_validator("patches")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Stored resolved, so a run folder opens its patch set from any working directory."""
+        return value.expanduser().resolve()
+
     @field_validator("select_by")
     @classmethod
     def _known_criteria(cls, value: list[str]) -> list[str]:

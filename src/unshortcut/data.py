@@ -15,10 +15,7 @@ of steps and together see exactly the single-process batch.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import queue
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unshortcut.methods.base import Batch, GroupedSplit
+from unshortcut.prefetch import prefetched
+from unshortcut.rows import Batch, GroupedSplit
 
 # Rows per chunk when streaming statistics or predictions over a split.
 CHUNK_ROWS = 1024
@@ -181,6 +179,9 @@ class SplitData:
         self._bias = (-mean * inv_std).float()
         self._labels = torch.from_numpy(split.labels.astype(np.int64))
         self._attributes = torch.from_numpy(split.attributes.astype(np.int64))
+        self._bins = torch.from_numpy(split.bins.astype(np.int64))
+        values = split.values if split.values is not None else split.bins
+        self._values = torch.from_numpy(values.astype(np.float32))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -221,17 +222,10 @@ class SplitData:
             attribute=attribute,
             group=y * self.split.n_attributes + attribute,
             index=t,
+            bins=self._bins[t],
+            values=self._values[t],
             mask=mask,
         )
-
-    def to_device(self, batch: Batch) -> Batch:
-        if self.device.type == "cpu":
-            return batch
-        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        return Batch(
-            move(batch.x), move(batch.y), move(batch.attribute), move(batch.group),
-            move(batch.index), move(batch.mask),
-        )  # fmt: skip
 
     def batches(
         self,
@@ -248,48 +242,12 @@ class SplitData:
         """
         indices = (shard_for_rank(np.asarray(i)) for i in indices)
         loads = (self.load(i, augmentation, generator, with_masks) for i in indices)
-        source = _prefetched(loads) if prefetch else loads
+        source = prefetched(loads) if prefetch else loads
         for batch in source:
-            yield self.to_device(batch)
+            yield batch if self.device.type == "cpu" else batch.to(self.device)
 
     def sequential(self, batch_size: int, prefetch: bool = True) -> Iterator[Batch]:
         """Every row once, in order, without augmentation or masks (for prediction)."""
         starts = range(0, len(self), batch_size)
         index = (np.arange(s, min(s + batch_size, len(self))) for s in starts)
         return self.batches(index, prefetch=prefetch, with_masks=False)
-
-
-_DONE = object()
-
-
-def _prefetched(items: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
-    """Run ``items`` in a background thread, ``depth`` items ahead; errors re-raised here."""
-    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                buffer.put(item)
-            buffer.put(_DONE)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            buffer.put(error)
-
-    thread = threading.Thread(target=work, daemon=True, name="unshortcut-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                buffer.get(timeout=0.05)
-        thread.join()

@@ -93,11 +93,12 @@ def comparison_table(rows: dict[str, dict]) -> Table:
     for column in ("method", "balanced acc.", "worst-group acc. [95% CI]", "robust AUROC"):
         table.add_column(column)
     for method, m in rows.items():
-        lo, hi = m["worst_group_accuracy_ci"]
+        ci = m["worst_group_accuracy_ci"]
+        interval = "no interval" if ci is None else f"{100 * ci[0]:.1f}, {100 * ci[1]:.1f}"
         table.add_row(
             method,
             f"{100 * m['balanced_accuracy']:.1f}",
-            f"{100 * m['worst_group_accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+            f"{100 * m['worst_group_accuracy']:.1f} [{interval}]",
             "n/a" if m["robust_auroc"] is None else f"{100 * m['robust_auroc']:.1f}",
         )
     return table

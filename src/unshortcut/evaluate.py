@@ -9,89 +9,24 @@ training statistics, so the numbers are comparable with the run's metrics.json.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from rich.table import Table
 
 from unshortcut.atomic import atomic_directory
-from unshortcut.config import TrainConfig
-from unshortcut.data import Normalization
 from unshortcut.errors import UnshortcutError
-from unshortcut.groups import GroupScheme
-from unshortcut.models import Classifier, build_model
-from unshortcut.train import (
-    infer,
-    jsonable,
+from unshortcut.inference import (
     load_run_data,
+    log_probabilities,
     predictions_table,
     resolve_device,
     score_split,
 )
+from unshortcut.runs import load_model, open_run, write_json
 
 EVAL_SPLITS = ("val", "test")
-
-
-@dataclass
-class Run:
-    """A run folder's resolved configuration."""
-
-    path: Path
-    config: TrainConfig
-    resolved: dict[str, Any]
-
-    @property
-    def scheme(self) -> GroupScheme:
-        return GroupScheme.from_dict(self.resolved["groups"])
-
-    @property
-    def normalization(self) -> Normalization:
-        return Normalization.from_dict(self.resolved["normalization"])
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        path = self.path / "metrics.json"
-        if not path.is_file():
-            raise UnshortcutError(f"{path}: missing; the run is unfinished (train --resume it)")
-        return json.loads(path.read_text(encoding="utf-8"))
-
-
-def open_run(path: Path | str) -> Run:
-    """Read ``RUN/config.json``; a clear error when ``path`` is not a run folder."""
-    path = Path(path)
-    file = path / "config.json"
-    if not file.is_file():
-        raise UnshortcutError(f"{path}: not a run folder (no config.json)")
-    try:
-        resolved = json.loads(file.read_text(encoding="utf-8"))
-        fields = {k: v for k, v in resolved.items() if k in TrainConfig.model_fields}
-        config = TrainConfig(**fields)
-    except ValueError as error:
-        raise UnshortcutError(f"{file}: unreadable run configuration ({error})") from None
-    return Run(path, config, resolved)
-
-
-def load_model(
-    run: Run, criterion: str | None = None, device: torch.device | str = "cpu"
-) -> Classifier:
-    """The finalized model selected by ``criterion`` (default: the run's primary one)."""
-    criterion = criterion or run.config.primary_criterion
-    path = run.path / "checkpoints" / f"final-{criterion}.pt"
-    if not path.is_file():
-        raise UnshortcutError(f"{path}: missing (criteria of this run: {run.config.select_by})")
-    info = run.resolved["input"]
-    model = build_model(
-        run.config.model,
-        int(info["channels"]),
-        run.scheme.n_classes,
-        int(info["size"]),
-    )
-    state = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
 
 
 def evaluate_run(
@@ -105,11 +40,13 @@ def evaluate_run(
 ) -> tuple[Path, dict[str, Any]]:
     """Score the selected checkpoint on ``patches`` (default: the run's own patch set).
 
+    On the run's own patch set, validation rows the method trained on (DFR's half) are
+    left out exactly as training left them out, so the numbers reproduce metrics.json.
     Writes ``RUN/evaluation/<name>/`` (``metrics.json`` and ``predictions/``), where
     ``name`` defaults to the patch set folder's name, and returns it with the metrics.
     """
     run = open_run(run_path)
-    patches = Path(patches) if patches is not None else run.config.patches
+    patches = Path(patches).resolve() if patches is not None else run.config.patches
     criterion = criterion or run.config.primary_criterion
     dev = resolve_device(device)
     data = load_run_data(
@@ -118,7 +55,7 @@ def evaluate_run(
         splits=EVAL_SPLITS,
         scheme=run.scheme,
         normalization=run.normalization,
-        rare_attribute=list(run.resolved["rare_attribute_by_class"]),
+        robust_bins=run.robust_bins,
     )
     info = run.resolved["input"]
     if (data.patchset.channels, data.patchset.input_size) != (info["channels"], info["size"]):
@@ -127,6 +64,10 @@ def evaluate_run(
             f"{data.patchset.input_size} px, the run was trained on {info['channels']} at "
             f"{info['size']} px"
         )
+    trained_on = None
+    if patches == run.config.patches:
+        ids = data.table("val")["patch_id"].to_numpy()
+        trained_on = np.flatnonzero(np.isin(ids, run.trained_on_val()))
     model = load_model(run, criterion, dev)
     n_boot = run.config.bootstrap if bootstrap is None else bootstrap
     metrics: dict[str, Any] = {
@@ -135,20 +76,36 @@ def evaluate_run(
         "criterion": criterion,
         "epoch": run.metrics["selection"]["by_criterion"].get(criterion),
     }
-    probs = {s: infer(model, data.loaders[s]) for s in EVAL_SPLITS}
+    log_probs = {s: log_probabilities(model, data.loaders[s]) for s in EVAL_SPLITS}
+    kept = (
+        None if trained_on is None else np.setdiff1d(np.arange(len(data.splits["val"])), trained_on)
+    )
     for s in EVAL_SPLITS:
-        metrics[s] = score_split(data, s, probs[s], bootstrap=n_boot, seed=run.config.seed)
+        metrics[s] = score_split(
+            data, s, log_probs[s], bootstrap=n_boot, seed=run.config.seed,
+            rows=kept if s == "val" else None,
+        )  # fmt: skip
     metrics["group_names"] = list(run.scheme.group_names)
-    out = run.path / "evaluation" / (name or Path(patches).resolve().name)
+    out = run.path / "evaluation" / (name or patches.name)
     with atomic_directory(out, overwrite=True) as folder:
         (folder / "predictions").mkdir()
         for s in EVAL_SPLITS:
-            predictions_table(data, s, probs[s]).to_parquet(
+            predictions_table(data, s, log_probs[s], trained_on if s == "val" else None).to_parquet(
                 folder / "predictions" / f"{s}.parquet", index=False
             )
-        text = json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n"
-        (folder / "metrics.json").write_text(text, encoding="utf-8")
+        write_json(folder / "metrics.json", metrics)
     return out, metrics
+
+
+def metric_warnings(metrics: dict[str, Any]) -> list[str]:
+    """Every split's metric warnings, each text once, prefixed by its split."""
+    lines: list[str] = []
+    for split in EVAL_SPLITS:
+        for text in (metrics.get(split) or {}).get("warnings", []):
+            line = f"{split}: {text}"
+            if line not in lines:
+                lines.append(line)
+    return lines
 
 
 def _pct(value: float | None) -> str:

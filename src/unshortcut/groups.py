@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.rows import GroupedSplit, intersection_index
 
 CLASS_NAMES: tuple[str, ...] = ("non-tumor", "tumor")
 DEFAULT_ATTRIBUTE = "tissue_ratio"
@@ -249,12 +250,41 @@ class GroupScheme:
     def group_names(self) -> tuple[str, ...]:
         return tuple(f"{c}|{a}" for c in self.class_names for a in self.attribute_names)
 
+    @property
+    def bin_counts(self) -> tuple[int, ...]:
+        return tuple(a.n_bins for a in self.attributes)
+
+    def bin_matrix(self, table: pd.DataFrame, source: str = "table") -> np.ndarray:
+        """``(n, d)`` bin of every attribute (int64) of every row of ``table``."""
+        columns = [a.bin_index(table, source) for a in self.attributes]
+        return np.stack(columns, axis=1) if columns else np.zeros((len(table), 0), np.int64)
+
+    def value_matrix(self, table: pd.DataFrame, source: str = "table") -> np.ndarray:
+        """``(n, d)`` raw value of every attribute (category index when categorical)."""
+        columns = [
+            a.bin_index(table, source).astype(np.float64)
+            if a.categories
+            else _column(table, a.column, source).to_numpy(np.float64)
+            for a in self.attributes
+        ]
+        return np.stack(columns, axis=1) if columns else np.zeros((len(table), 0))
+
     def attribute_index(self, table: pd.DataFrame, source: str = "table") -> np.ndarray:
-        """Attribute bin (int64) of every row of ``table``."""
-        index = np.zeros(len(table), dtype=np.int64)
-        for attribute in self.attributes:
-            index = index * attribute.n_bins + attribute.bin_index(table, source)
-        return index
+        """Intersectional attribute bin (int64) of every row of ``table``."""
+        return intersection_index(self.bin_matrix(table, source), self.bin_counts)
+
+    def grouped_split(self, table: pd.DataFrame, source: str = "table") -> GroupedSplit:
+        """What training needs of ``table``'s rows: labels, bins, raw values, image ids."""
+        return GroupedSplit(
+            labels=self.labels(table, source),
+            bins=self.bin_matrix(table, source),
+            bin_counts=self.bin_counts,
+            image_ids=table["image_id"].to_numpy(),
+            n_classes=self.n_classes,
+            values=self.value_matrix(table, source),
+            attribute_names=tuple(a.column for a in self.attributes),
+            continuous=tuple(not a.categories for a in self.attributes),
+        )
 
     def labels(self, table: pd.DataFrame, source: str = "table") -> np.ndarray:
         """Class label (int64) of every row, checked to lie in ``0..n_classes-1``."""

@@ -41,28 +41,35 @@ CI_METRICS: tuple[str, ...] = (
 )
 ECE_BINS = 15
 CONFIDENCE = 0.95
+MIN_DEFINED_SHARE = 0.5
+"""Below this share of defined bootstrap replicates a metric gets no interval."""
 _CHUNK_ELEMENTS = 1_000_000  # replicates per chunk times patches (AUROC) or images
 
 
-def rarest_attribute_per_class(
+def robust_bins_per_class(
     labels: np.ndarray, attributes: np.ndarray, n_classes: int, n_attributes: int
-) -> list[int]:
-    """For each class, the attribute bin holding the fewest (but > 0) rows of that class.
+) -> list[list[int]]:
+    """For each class, the attribute bins where the shortcut points away from it.
 
-    Callers pass the training split: it defines where the shortcut points the wrong
-    way (for tumor vs tissue ratio: tumor patches with little tissue). Ties go to the
-    lower bin index.
+    That is where the class is least represented relative to the other classes: its
+    share of the bin's rows, ``n_ya / n_a`` (bins without rows ignored), is lowest; ties
+    give several bins. Callers pass the training split: for tumor vs tissue ratio this
+    is the small-tissue bin for tumor and the large-tissue bin for non-tumor, whatever
+    the bins' sizes (ARCHITECTURE section 4: never simply the bin with fewest rows).
     """
     counts = np.bincount(
         np.asarray(labels) * n_attributes + np.asarray(attributes),
         minlength=n_classes * n_attributes,
     ).reshape(n_classes, n_attributes)
-    rarest = []
+    totals = counts.sum(axis=0)
+    filled = totals > 0
+    bins = []
     for label, row in enumerate(counts):
         if not row.any():
-            raise ValueError(f"rarest_attribute_per_class: no rows of class {label}")
-        rarest.append(int(np.argmin(np.where(row > 0, row, np.iinfo(np.int64).max))))
-    return rarest
+            raise ValueError(f"robust_bins_per_class: no rows of class {label}")
+        share = np.where(filled, row / np.maximum(totals, 1), np.inf)
+        bins.append(np.flatnonzero(np.isclose(share, share.min(), rtol=0, atol=1e-12)).tolist())
+    return bins
 
 
 def evaluate_predictions(
@@ -73,7 +80,7 @@ def evaluate_predictions(
     image_ids: np.ndarray,
     group_names: Sequence[str],
     n_attributes: int,
-    rare_attribute_by_class: Sequence[int],
+    robust_bins_by_class: Sequence[Sequence[int]],
     threshold: float = 0.5,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -83,8 +90,8 @@ def evaluate_predictions(
 
     ``labels`` are 0/1, ``scores`` the tumor probability, prediction ``score >= threshold``.
     ``group_names`` follow ``group = label * n_attributes + attribute``.
-    ``rare_attribute_by_class`` comes from :func:`rarest_attribute_per_class` on the
-    training split. Intervals are 95% percentile intervals of ``n_bootstrap``
+    ``robust_bins_by_class`` comes from :func:`robust_bins_per_class` on the training
+    split. Intervals are 95% percentile intervals of ``n_bootstrap``
     image-level resamples drawn from ``seed``.
     """
     labels = np.asarray(labels).astype(np.int64)
@@ -92,7 +99,7 @@ def evaluate_predictions(
     attributes = np.asarray(attributes).astype(np.int64)
     n_classes, n_groups = len(CLASS_NAMES), len(group_names)
     _check_inputs(
-        labels, scores, attributes, image_ids, n_groups, n_attributes, rare_attribute_by_class
+        labels, scores, attributes, image_ids, n_groups, n_attributes, robust_bins_by_class
     )
     groups = labels * n_attributes + attributes
     images, image_index = np.unique(np.asarray(image_ids), return_inverse=True)
@@ -105,20 +112,25 @@ def evaluate_predictions(
         n_images, n_groups
     )
     positive = labels == 1
-    rare = np.asarray(rare_attribute_by_class)
-    robust = attributes == rare[labels]
+    robust = np.zeros(len(labels), dtype=bool)
+    for label, bins in enumerate(robust_bins_by_class):
+        robust |= (labels == label) & np.isin(attributes, bins)
 
     auroc = _WeightedAuroc(scores, positive, image_index)
     robust_auroc = _WeightedAuroc(scores[robust], positive[robust], image_index[robust])
 
+    n_per_group = group_total.sum(axis=0)
+    present = n_per_group > 0
+
     def family(weights: np.ndarray) -> dict[str, np.ndarray]:
-        values = _accuracy_family(weights @ group_correct, weights @ group_total, n_classes)
+        values = _accuracy_family(
+            weights @ group_correct, weights @ group_total, n_classes, present
+        )
         values["auroc"] = auroc(weights)
         values["robust_auroc"] = robust_auroc(weights)
         return values
 
     point = {name: _scalar(v[0]) for name, v in family(np.ones((1, n_images))).items()}
-    n_per_group = group_total.sum(axis=0)
     result: dict[str, Any] = {"n": len(labels), "n_images": n_images}
     result["threshold"] = float(threshold)
     result |= {name: point[name] for name in (*CI_METRICS, "worst_class_accuracy")}
@@ -138,12 +150,20 @@ def evaluate_predictions(
     warnings = _sample_warnings(n_per_group, group_names, n_attributes, min_group_size)
     if result["robust_auroc"] is None:
         warnings.append(
-            "robust_auroc is undefined: no positives in their rarest attribute bin or "
-            "no negatives in theirs"
+            "robust_auroc is undefined: no tumor patches in the bins where tumor is rarest, "
+            "or no non-tumor patches in the bins where non-tumor is rarest"
         )
 
     result |= {f"{name}_ci": None for name in CI_METRICS}
-    if n_bootstrap:
+    result["ci_notes"] = {}
+    if n_bootstrap and n_images < 2:
+        reason = (
+            f"{n_images} image in the split: an image-level bootstrap needs at least 2, "
+            "so there is no interval"
+        )
+        result["ci_notes"] = dict.fromkeys(CI_METRICS, reason)
+        warnings.append(reason)
+    elif n_bootstrap:
         rng = np.random.default_rng(seed)
         step = max(1, _CHUNK_ELEMENTS // n_images)  # bounds memory for many small images
         chunks, replicate_totals = [], []
@@ -151,12 +171,12 @@ def evaluate_predictions(
             weights = _image_weights(rng, n_images, min(step, n_bootstrap - start))
             chunks.append(family(weights))
             replicate_totals.append(weights @ group_total)
-        replicates = {name: np.concatenate([c[name] for c in chunks]) for name in CI_METRICS}
         for name in CI_METRICS:
-            finite = replicates[name][np.isfinite(replicates[name])]
-            if finite.size:
-                interval = np.percentile(finite, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
-                result[f"{name}_ci"] = [float(v) for v in interval]
+            values = np.concatenate([c[name] for c in chunks])
+            interval, note = _percentile_interval(values, name, point[name] is not None)
+            result[f"{name}_ci"] = interval
+            if note:
+                result["ci_notes"][name] = note
         warnings += _bootstrap_warnings(np.concatenate(replicate_totals), group_names, n_attributes)
         if n_images < 10:
             warnings.append(
@@ -187,7 +207,7 @@ def _check_inputs(
     image_ids: np.ndarray,
     n_groups: int,
     n_attributes: int,
-    rare_attribute_by_class: Sequence[int],
+    robust_bins_by_class: Sequence[Sequence[int]],
 ) -> None:
     """Shape and range checks; violations are caller bugs except non-finite scores."""
     n = len(labels)
@@ -197,8 +217,8 @@ def _check_inputs(
         raise ValueError("evaluate_predictions: labels, scores, attributes, image_ids differ")
     if n_groups != len(CLASS_NAMES) * n_attributes:
         raise ValueError(f"evaluate_predictions: {n_groups} group names for 2 x {n_attributes}")
-    if len(rare_attribute_by_class) != len(CLASS_NAMES):
-        raise ValueError("evaluate_predictions: rare_attribute_by_class needs one bin per class")
+    if len(robust_bins_by_class) != len(CLASS_NAMES):
+        raise ValueError("evaluate_predictions: robust_bins_by_class needs bins per class")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("evaluate_predictions: labels must be 0 or 1")
     if attributes.min() < 0 or attributes.max() >= n_attributes:
@@ -208,26 +228,58 @@ def _check_inputs(
         raise UnshortcutError(f"scores: {bad} non-finite value(s) (did training diverge?)")
 
 
+def _percentile_interval(
+    replicates: np.ndarray, name: str, defined: bool
+) -> tuple[list[float] | None, str | None]:
+    """The 95% percentile interval of the replicates where ``name`` is defined, and a note.
+
+    A replicate that lacks a group or class present in the split leaves worst-group,
+    group-balanced and balanced accuracy (or AUROC) undefined, not "computed over what
+    is left": it is dropped. When fewer than half the replicates remain, the interval
+    would describe a different population, so there is none.
+    """
+    if not defined:
+        return None, None
+    finite = replicates[np.isfinite(replicates)]
+    dropped = len(replicates) - len(finite)
+    if len(finite) < MIN_DEFINED_SHARE * len(replicates):
+        return None, (
+            f"{dropped} of {len(replicates)} bootstrap replicates lack a group or class that "
+            f"{name} needs, so there is no interval"
+        )
+    interval = np.percentile(finite, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    note = None
+    if dropped:
+        note = (
+            f"interval from the {len(finite)} of {len(replicates)} replicates where {name} is "
+            "defined (the others lack a group or class)"
+        )
+    return [float(v) for v in interval], note
+
+
 def _accuracy_family(
-    group_correct: np.ndarray, group_total: np.ndarray, n_classes: int
+    group_correct: np.ndarray, group_total: np.ndarray, n_classes: int, present: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Accuracy metrics per replicate from (B, n_groups) correct/total counts.
 
-    Groups (and classes) without rows in a replicate are left out, exactly as empty
-    groups are left out of the point estimate.
+    ``present`` marks the groups the split holds. Groups the split lacks are left out
+    (the point estimate's definition); a replicate that lacks a group (class) the split
+    holds leaves the worst-group and group-balanced (balanced, worst-class) accuracy
+    undefined: NaN.
     """
     b = len(group_total)
     class_correct = group_correct.reshape(b, n_classes, -1).sum(axis=2)
     class_total = group_total.reshape(b, n_classes, -1).sum(axis=2)
+    class_present = present.reshape(n_classes, -1).any(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        group_acc = group_correct / group_total
-        recall = class_correct / class_total
+        group_acc = (group_correct / group_total)[:, present]
+        recall = (class_correct / class_total)[:, class_present]
         return {
             "accuracy": group_correct.sum(axis=1) / group_total.sum(axis=1),
-            "balanced_accuracy": np.nanmean(recall, axis=1),
-            "worst_class_accuracy": np.nanmin(recall, axis=1),
-            "group_balanced_accuracy": np.nanmean(group_acc, axis=1),
-            "worst_group_accuracy": np.nanmin(group_acc, axis=1),
+            "balanced_accuracy": recall.mean(axis=1),
+            "worst_class_accuracy": recall.min(axis=1),
+            "group_balanced_accuracy": group_acc.mean(axis=1),
+            "worst_group_accuracy": group_acc.min(axis=1),
         }
 
 
@@ -342,15 +394,15 @@ def _bootstrap_warnings(
     for g in np.flatnonzero(lacking_groups.any(axis=0)):
         warnings.append(
             f"bootstrap: {int(lacking_groups[:, g].sum())} of {b} replicates lack group "
-            f"{group_names[g]} (worst-group and group-balanced accuracy there use the "
-            "groups present)"
+            f"{group_names[g]} (worst-group and group-balanced accuracy are undefined there "
+            "and left out of their intervals)"
         )
     class_totals = replicate_totals.reshape(b, len(CLASS_NAMES), n_attributes).sum(axis=2)
     for label in np.flatnonzero(((class_totals == 0) & (class_totals.sum(axis=0) > 0)).any(0)):
         warnings.append(
             f"bootstrap: {int((class_totals[:, label] == 0).sum())} of {b} replicates lack "
-            f"class {CLASS_NAMES[label]} (balanced accuracy there covers the class present; "
-            "AUROC is undefined there and left out of its interval)"
+            f"class {CLASS_NAMES[label]} (balanced accuracy and AUROC are undefined there "
+            "and left out of their intervals)"
         )
     return warnings
 

@@ -76,13 +76,23 @@ class Trial:
 
 
 def _draw(
-    method: str, trial: int, base_seed: int, attempt: int, hparams: dict[str, HParam]
+    method: str, trial: int, base_seed: int, attempt: int, train: GroupedSplit | None
 ) -> dict[str, Any]:
+    cls = get_method(method)
     if trial == 0 and attempt == 0:
-        return {name: h.default for name, h in hparams.items()}
+        return {name: h.default for name, h in cls.hparams.items()}
+    return cls.draw_hparams(
+        lambda name: np.random.default_rng(stable_seed(method, trial, base_seed, name, attempt)),
+        train,
+    )
+
+
+def _draw_training(method: str, trial: int, base_seed: int) -> dict[str, Any]:
+    if trial == 0:
+        return {name: h.default for name, h in TRAINING_HPARAMS.items()}
     return {
-        name: h.sample(np.random.default_rng(stable_seed(method, trial, base_seed, name, attempt)))
-        for name, h in hparams.items()
+        name: h.sample(np.random.default_rng(stable_seed(method, trial, base_seed, name, 0)))
+        for name, h in TRAINING_HPARAMS.items()
     }
 
 
@@ -107,7 +117,7 @@ def random_trials(
     trials = []
     for index in range(n_trials):
         for attempt in range(MAX_REDRAWS):
-            hp = _draw(method, index, base_seed, attempt, get_method(method).hparams)
+            hp = _draw(method, index, base_seed, attempt, train)
             if _feasible(method, hp, train):
                 break
         else:
@@ -115,35 +125,17 @@ def random_trials(
                 f"search: no feasible hyperparameters for {method!r} in {MAX_REDRAWS} draws "
                 "on this training data"
             )
-        training = _draw(method, index, base_seed, 0, TRAINING_HPARAMS)
+        training = _draw_training(method, index, base_seed)
         trials.append(Trial(method, index, trial_seed(method, index, base_seed), hp, training))
     return trials
-
-
-def grid_values(h: HParam, points: int) -> list[Any]:
-    """Choices, or ``points`` evenly spaced values (geometric when ``log``) over the range."""
-    if h.choices:
-        return list(h.choices)
-    if h.low is None or h.high is None or points < 2:
-        return [h.default]
-    if h.log:
-        values = np.exp(np.linspace(math.log(h.low), math.log(h.high), points))
-    else:
-        values = np.linspace(h.low, h.high, points)
-    if h.integer:
-        return sorted({round(float(v)) for v in values})
-    return [float(v) for v in values]
 
 
 def grid_trials(
     method: str, points: int = 3, base_seed: int = 0, train: GroupedSplit | None = None
 ) -> list[Trial]:
-    """The Cartesian grid over every hyperparameter, infeasible points dropped."""
-    hparams = get_method(method).hparams
-    names = sorted(hparams)
+    """The method's grid (``Method.grid_hparams``), infeasible points dropped."""
     trials: list[Trial] = []
-    for values in itertools.product(*(grid_values(hparams[n], points) for n in names)):
-        hp = dict(zip(names, values, strict=True))
+    for hp in get_method(method).grid_hparams(points, train):
         if _feasible(method, hp, train):
             index = len(trials)
             trials.append(Trial(method, index, trial_seed(method, index, base_seed), hp))

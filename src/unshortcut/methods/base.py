@@ -1,24 +1,30 @@
-"""The Method interface: how batches are drawn and which loss is stepped.
+"""The Method interface: how batches are drawn and how a batch trains the model.
 
-The training loop (``unshortcut.train``) owns the model, optimizer, checkpoints and
-evaluation; a method only decides
+The training loop (``unshortcut.train``) owns the model, checkpoints, validation and
+selection; a method decides
 
 - which training rows form each batch (``epoch_batches``),
-- the loss to step for a batch (``loss``),
+- what one batch does (``train_step``: by default the ``loss``, one backward, one step
+  of every optimizer; a method may own extra modules and optimizers, as DomainBed's
+  ``Algorithm.update`` does, and report several named loss terms),
+- the optimizers (``optimizers``: by default one over the model and ``extra_modules``),
 - optional work before training (``prepare``: JTT's error set, GERNE's pseudo-groups),
-  after each epoch (``on_epoch_end``: GroupDRO bookkeeping), and after training
-  (``finalize``: DFR's last-layer retraining).
+  after each epoch (``on_epoch_end``; ``stop_reason`` ends training early) and after
+  training (``finalize``: DFR's last-layer retraining),
+- how the search draws its hyperparameters (``draw_hparams``, ``grid_hparams``).
 
-Methods see the data only through :class:`GroupedSplit` arrays and the
+Methods see the data only through :class:`~unshortcut.rows.GroupedSplit` arrays and the
 :class:`TrainContext` services, so adding a method touches one new file and the
 registry, nothing else. Everything a method keeps between steps must round-trip
-through ``state_dict`` so that a killed run resumes exactly.
+through ``state_dict`` (extra modules and optimizers are checkpointed by the loop) so
+that a killed run resumes exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -28,6 +34,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.rows import Batch, GroupedSplit
+
+Optimizers = dict[str, torch.optim.Optimizer]
+"""A method's optimizers by name; "model" steps the model (and, by default, extras)."""
 
 
 @dataclass(frozen=True)
@@ -54,68 +64,19 @@ class HParam:
             value = rng.uniform(self.low, self.high)
         return round(value) if self.integer else float(value)
 
-
-@dataclass
-class GroupedSplit:
-    """What a method knows of one split: labels, attribute bins and groups per row.
-
-    ``group = label * n_attributes + attribute``; ``attribute`` is the index of the
-    (possibly intersectional) attribute bin. Row ``i`` here is row ``i`` of the
-    split's batches (``Batch.index``).
-    """
-
-    labels: np.ndarray
-    attributes: np.ndarray
-    image_ids: np.ndarray
-    n_classes: int
-    n_attributes: int
-
-    @property
-    def groups(self) -> np.ndarray:
-        return self.labels * self.n_attributes + self.attributes
-
-    @property
-    def n_groups(self) -> int:
-        return self.n_classes * self.n_attributes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, rows: np.ndarray) -> GroupedSplit:
-        """The given rows only (e.g. validation rows a method did not train on)."""
-        return GroupedSplit(
-            self.labels[rows],
-            self.attributes[rows],
-            self.image_ids[rows],
-            self.n_classes,
-            self.n_attributes,
-        )
-
-    def group_counts(self) -> np.ndarray:
-        """Rows per group, shape ``(n_groups,)``."""
-        return np.bincount(self.groups, minlength=self.n_groups)
-
-    def attribute_given_class(self) -> np.ndarray:
-        """alpha[y, a] = |X_ya| / |X_y|, shape ``(n_classes, n_attributes)``."""
-        counts = self.group_counts().reshape(self.n_classes, self.n_attributes).astype(float)
-        totals = counts.sum(axis=1, keepdims=True)
-        return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-
-    def with_attributes(self, attributes: np.ndarray, n_attributes: int) -> GroupedSplit:
-        """The same rows with other attribute bins (pseudo-groups of unknown attributes)."""
-        return GroupedSplit(self.labels, attributes, self.image_ids, self.n_classes, n_attributes)
-
-
-@dataclass
-class Batch:
-    """One training batch. ``index`` holds the rows of ``TrainContext.train``."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    attribute: torch.Tensor
-    group: torch.Tensor
-    index: torch.Tensor
-    mask: torch.Tensor | None = None
+    def grid(self, points: int) -> list[Any]:
+        """Choices, or ``points`` evenly spaced values (geometric when ``log``) over the range."""
+        if self.choices:
+            return list(self.choices)
+        if self.low is None or self.high is None or points < 2:
+            return [self.default]
+        if self.log:
+            values = np.exp(np.linspace(math.log(self.low), math.log(self.high), points))
+        else:
+            values = np.linspace(self.low, self.high, points)
+        if self.integer:
+            return sorted({round(float(v)) for v in values})
+        return [float(v) for v in values]
 
 
 class TrainContext(Protocol):
@@ -126,26 +87,36 @@ class TrainContext(Protocol):
     batch_size: int
     seed: int
     device: torch.device
+    pretrained: bool
+    """Whether the run's model starts from pretrained weights."""
 
     def new_model(self) -> nn.Module:
         """A freshly initialised model of the run's architecture."""
         ...
 
+    def make_optimizer(
+        self,
+        params: Iterable[nn.Parameter],
+        lr_factor: float = 1.0,
+        weight_decay_factor: float = 1.0,
+    ) -> torch.optim.Optimizer:
+        """An optimizer of the run's kind and settings, scaled by the factors."""
+        ...
+
     def fit_auxiliary(
         self,
+        method: Method,
         *,
         epochs: int,
         lr_factor: float = 1.0,
         weight_decay_factor: float = 1.0,
-        class_balanced: bool = False,
         select_by: str = "last",
-        row_weights: np.ndarray | None = None,
     ) -> nn.Module:
-        """Train a plain ERM model with the run's settings scaled by the factors.
+        """Train a fresh model with ``method`` through the loop's own epochs.
 
-        ``select_by`` is "last" or a validation criterion (e.g. "worst_class_accuracy")
-        evaluated each epoch; ``row_weights`` draws training rows with those
-        probabilities. Used by JTT and GERNE (unknown attributes).
+        Learning rate and weight decay are the run's, scaled by the factors;
+        ``select_by`` is "last" or a validation criterion (e.g. "balanced_accuracy")
+        evaluated each epoch. Used by JTT and GERNE (unknown attributes).
         """
         ...
 
@@ -156,6 +127,16 @@ class TrainContext(Protocol):
     def features(self, model: nn.Module, split: str) -> np.ndarray:
         """Penultimate features ``(N, D)`` for every row of ``split`` (no augmentation)."""
         ...
+
+
+def backward_and_step(loss: torch.Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Zero the gradients, one backward pass of ``loss``, one step of each optimizer."""
+    optimizers = list(optimizers)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
 
 
 class Method:
@@ -180,6 +161,30 @@ class Method:
     def uses_val_attributes(cls, hp: dict[str, Any]) -> bool:
         """Whether training with ``hp`` reads validation attributes (DFR's balancing)."""
         return False
+
+    @classmethod
+    def model_options(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """Keyword options of ``build_model`` this method needs (e.g. a pixel decoder)."""
+        return {}
+
+    @classmethod
+    def draw_hparams(
+        cls, rng_for: Callable[[str], np.random.Generator], train: GroupedSplit | None
+    ) -> dict[str, Any]:
+        """One random-search draw; ``rng_for(name)`` is that hyperparameter's own stream.
+
+        Default: every hyperparameter independently from its range. Methods whose
+        feasible range depends on the data or on another hyperparameter (GERNE's beta)
+        override this, so the search never spends trials outside it.
+        """
+        return {name: h.sample(rng_for(name)) for name, h in cls.hparams.items()}
+
+    @classmethod
+    def grid_hparams(cls, points: int, train: GroupedSplit | None) -> list[dict[str, Any]]:
+        """The grid search's points: the Cartesian product of every range's grid."""
+        names = sorted(cls.hparams)
+        axes = [cls.hparams[n].grid(points) for n in names]
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes)]
 
     def __init__(self, ctx: TrainContext, **hp: Any) -> None:
         unknown = sorted(set(hp) - set(self.hparams))
@@ -210,12 +215,47 @@ class Method:
         for start in range(0, len(order), size):
             yield order[start : start + size]
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy; the scalar the loop backpropagates."""
-        return F.cross_entropy(model(batch.x), batch.y)
+    def per_sample_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Loss of every row, ``(B,)``: cross-entropy of the class logits.
 
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        """Per-epoch bookkeeping."""
+        Methods that weight or combine rows (reweighting, GroupDRO, GERNE) build on this,
+        so a method that changes what one row costs (spatial supervision) combines with
+        them by overriding this alone.
+        """
+        return F.cross_entropy(model(batch.x), batch.y, reduction="none")
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar ``train_step`` backpropagates; default the mean row loss."""
+        return self.per_sample_loss(model, batch).mean()
+
+    def extra_modules(self) -> nn.Module | None:
+        """Trainable modules besides the model (checkpointed with it)."""
+        return None
+
+    def optimizers(self, model: nn.Module) -> Optimizers:
+        """Default: one optimizer of the run's kind over the model and ``extra_modules``."""
+        extra = self.extra_modules()
+        params = list(model.parameters()) + ([] if extra is None else list(extra.parameters()))
+        return {"model": self.ctx.make_optimizer(params)}
+
+    def train_step(
+        self, model: nn.Module, batch: Batch, optimizers: Optimizers
+    ) -> dict[str, float]:
+        """One batch: ``loss``, one backward, one step of every optimizer.
+
+        Returns the named loss terms of the step (averaged per epoch into history.jsonl);
+        "loss" is the objective, which the loop checks for divergence.
+        """
+        loss = self.loss(model, batch)
+        backward_and_step(loss, optimizers.values())
+        return {"loss": float(loss.detach())}
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, terms: dict[str, float]) -> None:
+        """Per-epoch bookkeeping; ``terms`` are the epoch's mean loss terms."""
+
+    def stop_reason(self) -> str | None:
+        """Why training must end now (checked after every epoch), or ``None`` to go on."""
+        return None
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Post-training work; returns the model to evaluate."""
@@ -230,12 +270,8 @@ class Method:
         """Facts about the method's own work, written to metrics.json (``method_report``)."""
         return {}
 
-    def extra_modules(self) -> nn.Module | None:
-        """Trainable modules besides the model (optimised and checkpointed with it)."""
-        return None
-
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume this method exactly."""
+        """Everything needed to resume this method exactly (modules and optimizers aside)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -20,8 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from unshortcut.errors import UnshortcutError
-from unshortcut.methods.base import GroupedSplit, HParam, Method, TrainContext
+from unshortcut.methods.base import HParam, Method, TrainContext
 from unshortcut.methods.registry import register
+from unshortcut.rows import GroupedSplit
 
 BALANCE_MODES: tuple[str, ...] = ("group", "class")
 
@@ -133,9 +134,12 @@ class DFR(Method):
         return strata[self.fit_rows]
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        head = getattr(model, "head", None)
+        head = model.last_layer()
         if not isinstance(head, nn.Linear):
-            raise UnshortcutError("method 'dfr': the model has no linear .head to retrain")
+            raise UnshortcutError(
+                "method 'dfr': the model has no linear last layer from features to logits "
+                "to retrain"
+            )
         features = self.ctx.features(model, "val")[self.fit_rows]
         weight, bias = fit_head(
             features,

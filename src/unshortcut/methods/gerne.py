@@ -7,12 +7,30 @@ so the two together hold the run's batch size:
   ``p_b(a|y) = alpha_ya = |X_ya| / |X_y|``,
 - a *less-biased* batch with ``p_lb(a|y) = (1 - c) alpha_ya + c / A``,
 
-and steps on the extrapolated loss ``L_ext = L_lb + beta (L_lb - L_b)``. Because
-``L_ext`` is linear in the per-sample losses, one forward pass over both batches
-concatenated and one backward pass give exactly ``(1 + beta) grad L_lb - beta grad L_b``:
-the price of ERM, not of two passes. In expectation the step equals training on
+and steps on the extrapolated loss ``L_ext = L_lb + beta (L_lb - L_b)``, whose gradient
+is ``g_lb + beta (g_lb - g_b)``. In expectation the step equals training on
 ``p_ext(a|y) = alpha_ya + c (beta + 1) (1/A - alpha_ya)``, which stays a distribution
-for ``beta`` up to ``beta_max = alpha_max / (c (alpha_max - 1/A)) - 1``.
+for ``beta`` up to ``beta_max = alpha_max / (c (alpha_max - 1/A)) - 1``. What sets the
+simulated distribution is the strength ``s = c (beta + 1)`` (s = 1: uniform p(a|y), as
+group resampling; ``s_max = alpha_max / (alpha_max - 1/A)`` whatever c), so the search
+draws s over its feasible range and c from {0.5, 1} as in the paper.
+
+BatchNorm (``bn``):
+
+- ``separate`` (default, the paper's update): one forward pass per batch, so each batch
+  is normalised with its own statistics, then one backward pass of ``L_ext``. The step is
+  exactly ``g_lb + beta (g_lb - g_b)`` of two separately computed losses.
+- ``joint``: one forward pass over both batches concatenated (their statistics mix), one
+  backward. Cheaper on small models, but not the paper's step: with BatchNorm it differs
+  from it, and beta = -1 is then no longer class-balanced ERM.
+- ``frozen``: running statistics during the step (for pretrained models; a model
+  trained from scratch would keep its initial 0/1 statistics).
+
+Runaway: ``L_ext`` is a non-negative mixture of group losses in expectation, so an
+epoch whose mean ``L_ext`` is negative means the model has learned to tell the two
+batches apart (per-batch BatchNorm statistics make that possible) and to raise the
+biased batch's loss without bound. GERNE then warns in words and, by default, ends
+training (``on_runaway``); checkpoint selection keeps the best earlier epoch.
 
 ``gerne_unknown`` (Algorithm 2) builds pseudo-attributes from a biased model's
 low-confidence rows and runs the same update on them.
@@ -22,21 +40,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from unshortcut.errors import UnshortcutError
-from unshortcut.methods.base import Batch, GroupedSplit, HParam, Method
-from unshortcut.methods.registry import register
+from unshortcut.methods.base import HParam, Method, Optimizers, backward_and_step
+from unshortcut.methods.registry import get_method, register
 from unshortcut.methods.sampling import draw_class_conditional, rows_by_group
+from unshortcut.rows import Batch, GroupedSplit
 
-BN_MODES: tuple[str, ...] = ("shared", "frozen")
+BN_MODES: tuple[str, ...] = ("separate", "joint", "frozen")
+RUNAWAY_ACTIONS: tuple[str, ...] = ("stop", "warn")
+STRENGTH_LOW = 0.5
+"""Smallest strength s = c (beta + 1) the search draws (s = 1 is group resampling)."""
+STRENGTH_CAP = 4.0
+"""Largest strength drawn: the bound grows without limit as p(a|y) nears uniform."""
+C_CHOICES: tuple[float, ...] = (0.5, 1.0)
 
 
 def less_biased_distribution(alpha: np.ndarray, c: float) -> np.ndarray:
@@ -52,14 +77,18 @@ def simulated_attribute_distribution(alpha: np.ndarray, c: float, beta: float) -
     return alpha + c * (beta + 1.0) * (1.0 / alpha.shape[1] - alpha)
 
 
-def beta_max(alpha: np.ndarray, c: float) -> float:
-    """Largest beta for which p_ext stays non-negative (infinite when alpha is uniform)."""
+def max_strength(alpha: np.ndarray) -> float:
+    """s_max = alpha_max / (alpha_max - 1/A): the largest c (beta + 1) keeping p_ext >= 0
+    (infinite when alpha is uniform)."""
     alpha = np.asarray(alpha, dtype=float)
     top = float(alpha.max())
     gap = top - 1.0 / alpha.shape[1]
-    if gap <= 1e-12:
-        return math.inf
-    return top / (c * gap) - 1.0
+    return math.inf if gap <= 1e-12 else top / gap
+
+
+def beta_max(alpha: np.ndarray, c: float) -> float:
+    """Largest beta for which p_ext stays non-negative (infinite when alpha is uniform)."""
+    return max_strength(alpha) / c - 1.0
 
 
 def extrapolated_loss(
@@ -110,9 +139,10 @@ class GERNE(Method):
     summary = "extrapolates the gradient from a biased to a less-biased batch"
     needs_train_attributes = True
     hparams: ClassVar[dict[str, HParam]] = {
-        "c": HParam(0.5, 0.05, 1.0, help="share of the uniform p(a|y) in the less-biased batch"),
-        "beta": HParam(0.5, -1.0, 2.0, help="extrapolation factor, in [-1, beta_max]"),
-        "bn": HParam("shared", help="BatchNorm during the step: 'shared' or 'frozen'"),
+        "c": HParam(0.5, choices=C_CHOICES, help="uniform share of the less-biased p(a|y)"),
+        "beta": HParam(1.0, help="extrapolation factor in [-1, beta_max], searched via s"),
+        "bn": HParam("separate", help="BatchNorm during the step: separate, joint or frozen"),
+        "on_runaway": HParam("stop", help="when the extrapolated loss runs away: stop or warn"),
     }
 
     empty_group_remedy = "use fewer attribute bins or thresholds that populate every group"
@@ -123,22 +153,67 @@ class GERNE(Method):
         return train.group_counts().reshape(train.n_classes, train.n_attributes)
 
     @classmethod
+    def strength_range(cls, hp: dict[str, Any], train: GroupedSplit | None) -> tuple[float, float]:
+        """The strengths s = c (beta + 1) the search covers: [STRENGTH_LOW, s_max]."""
+        high = STRENGTH_CAP
+        if train is not None:
+            counts = cls.group_counts(hp, train)
+            if counts.all():
+                high = min(max_strength(counts / counts.sum(axis=1, keepdims=True)), high)
+        return STRENGTH_LOW, max(high, STRENGTH_LOW)
+
+    @classmethod
+    def draw_hparams(
+        cls, rng_for: Callable[[str], np.random.Generator], train: GroupedSplit | None
+    ) -> dict[str, Any]:
+        """c from {0.5, 1}; beta from a strength s uniform over its feasible range."""
+        hp = super().draw_hparams(rng_for, train)
+        low, high = cls.strength_range(hp, train)
+        hp["beta"] = float(rng_for("beta").uniform(low, high)) / float(hp["c"]) - 1.0
+        return hp
+
+    @classmethod
+    def grid_hparams(cls, points: int, train: GroupedSplit | None) -> list[dict[str, Any]]:
+        """c in {0.5, 1} crossed with ``points`` strengths over the feasible range."""
+        grid = []
+        for hp in super().grid_hparams(points, train):
+            low, high = cls.strength_range(hp, train)
+            strengths = np.linspace(low, high, points) if points > 1 else [1.0]
+            grid += [hp | {"beta": float(s) / float(hp["c"]) - 1.0} for s in strengths]
+        return grid
+
+    @classmethod
     def check_hparams(cls, hp: dict[str, Any], train: GroupedSplit) -> None:
-        c, beta, bn = float(hp["c"]), float(hp["beta"]), hp["bn"]
-        if bn not in BN_MODES:
-            raise UnshortcutError(f"method {cls.name!r}: bn={bn!r} is not one of {BN_MODES}")
+        c, beta = float(hp["c"]), float(hp["beta"])
+        if hp["bn"] not in BN_MODES:
+            raise UnshortcutError(f"method {cls.name!r}: bn={hp['bn']!r} is not one of {BN_MODES}")
+        if hp["on_runaway"] not in RUNAWAY_ACTIONS:
+            raise UnshortcutError(
+                f"method {cls.name!r}: on_runaway={hp['on_runaway']!r} is not one of "
+                f"{RUNAWAY_ACTIONS}"
+            )
         if not 0.0 < c <= 1.0:
             raise UnshortcutError(f"method {cls.name!r}: c={c} must lie in (0, 1]")
+        if beta < -1.0:
+            raise UnshortcutError(
+                f"method {cls.name!r}: beta={beta} is below -1; beta = -1 already trains on "
+                "the biased batch alone (class-balanced ERM), and smaller values step away "
+                "from the less-biased batch"
+            )
         counts = cls.group_counts(hp, train)
         _check_groups(cls.name, counts, cls.empty_group_remedy)
         alpha = counts / counts.sum(axis=1, keepdims=True)
         bound = beta_max(alpha, c)
-        if not -1.0 <= beta <= bound + 1e-9:
+        if beta > bound + 1e-9:
             raise UnshortcutError(
                 f"method {cls.name!r}: beta={beta} is outside [-1, {bound:.4g}]; beta_max = "
                 f"alpha_max / (c (alpha_max - 1/A)) - 1 with alpha_max={alpha.max():.4g}, "
                 f"c={c}, A={alpha.shape[1]}; beyond it the simulated p(a|y) turns negative"
             )
+
+    def __init__(self, ctx: Any, **hp: Any) -> None:
+        self.runaway: str | None = None
+        super().__init__(ctx, **hp)
 
     def validate(self) -> None:
         super().validate()
@@ -146,6 +221,13 @@ class GERNE(Method):
             raise UnshortcutError(
                 f"method {self.name!r}: batch size {self.ctx.batch_size} is below 2 x "
                 f"{self.ctx.train.n_classes} classes (two class-balanced batches)"
+            )
+        if self.hp["bn"] == "frozen" and not self.ctx.pretrained:
+            warnings.warn(
+                f"method {self.name!r}: bn=frozen on a model trained from scratch keeps its "
+                "BatchNorm running statistics at their initial 0/1 during every step; use it "
+                "with --pretrained, or bn=separate",
+                stacklevel=2,
             )
 
     @property
@@ -170,17 +252,62 @@ class GERNE(Method):
             less = draw_class_conditional(rng, members, split.n_attributes, self.per_class, p_less)
             yield np.concatenate([biased, less])
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """One forward over both batches; rows keep the order ``epoch_batches`` gave."""
+    def half_losses(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row losses of the biased and the less-biased batch (rows in batch order)."""
         half = _shard_length(self.per_class * self.ctx.train.n_classes)
-        if len(batch.y) != _shard_length(2 * self.per_class * self.ctx.train.n_classes):
+        if len(batch) != _shard_length(2 * self.per_class * self.ctx.train.n_classes):
             raise RuntimeError(
-                f"gerne: expected {2 * half} rows (biased + less-biased), got {len(batch.y)}"
+                f"gerne: expected {2 * half} rows (biased + less-biased), got {len(batch)}"
+            )
+        if self.hp["bn"] == "separate":
+            return (
+                self.per_sample_loss(model, batch.select(slice(0, half))),
+                self.per_sample_loss(model, batch.select(slice(half, None))),
             )
         with frozen_batchnorm(model, self.hp["bn"] == "frozen"):
-            logits = model(batch.x)
-        losses = F.cross_entropy(logits, batch.y, reduction="none")
-        return extrapolated_loss(losses[:half], losses[half:], float(self.hp["beta"]))
+            losses = self.per_sample_loss(model, batch)
+        return losses[:half], losses[half:]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return extrapolated_loss(*self.half_losses(model, batch), float(self.hp["beta"]))
+
+    def train_step(
+        self, model: nn.Module, batch: Batch, optimizers: Optimizers
+    ) -> dict[str, float]:
+        """One backward of L_ext; logs L_ext and the two batches' losses."""
+        biased, less = self.half_losses(model, batch)
+        loss = extrapolated_loss(biased, less, float(self.hp["beta"]))
+        backward_and_step(loss, optimizers.values())
+        return {
+            "loss": float(loss.detach()),
+            "loss_biased": float(biased.detach().mean()),
+            "loss_less_biased": float(less.detach().mean()),
+        }
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, terms: dict[str, float]) -> None:
+        """Flag a runaway: a negative mean extrapolated loss over the epoch."""
+        if self.runaway is not None or terms.get("loss", 0.0) >= 0.0:
+            return
+        self.runaway = (
+            f"method {self.name!r}: the extrapolated loss ran away at epoch {epoch} (mean "
+            f"{terms['loss']:.3f} < 0, biased-batch loss {terms['loss_biased']:.3f} growing): "
+            "the model raises the biased batch's loss instead of lowering the less-biased "
+            f"one; lower beta (now {self.hp['beta']:g}) or use bn=joint"
+        )
+        action = "training stops here" if self.hp["on_runaway"] == "stop" else "training goes on"
+        warnings.warn(f"{self.runaway}; {action}", stacklevel=2)
+
+    def stop_reason(self) -> str | None:
+        return self.runaway if self.hp["on_runaway"] == "stop" else None
+
+    def run_report(self) -> dict[str, Any]:
+        return {"runaway": self.runaway}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"runaway": self.runaway}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.runaway = state["runaway"]
 
 
 def pseudo_minority(probs: np.ndarray, labels: np.ndarray, t: float) -> np.ndarray:
@@ -218,8 +345,8 @@ class GERNEUnknown(GERNE):
     summary = "GERNE on pseudo-attributes: low-confidence rows of a biased model"
     needs_train_attributes = False
     hparams: ClassVar[dict[str, HParam]] = {
-        "t": HParam(0.2, 0.05, 0.45, help="share of each class taken as pseudo-minority"),
-        "epochs": HParam(1, 1, 5, integer=True, help="epochs of the biased identification model"),
+        "t": HParam(0.2, 1e-3, 0.45, log=True, help="share of each class taken as pseudo-minority"),
+        "epochs": HParam(3, 3, 6, integer=True, help="epochs of the biased identification model"),
         **GERNE.hparams,
     }
 
@@ -241,10 +368,10 @@ class GERNEUnknown(GERNE):
 
     def prepare(self) -> None:
         biased = self.ctx.fit_auxiliary(
+            get_method("cb_erm")(self.ctx),
             epochs=int(self.hp["epochs"]),
             lr_factor=0.1,
             weight_decay_factor=2.0,
-            class_balanced=True,
             select_by="balanced_accuracy",
         )
         probs = self.ctx.predict(biased, "train")
@@ -258,13 +385,14 @@ class GERNEUnknown(GERNE):
 
     def run_report(self) -> dict[str, Any]:
         """Precision/recall of the pseudo-minority against the true minority groups."""
-        return {"pseudo_groups": dict(self.report)}
+        return super().run_report() | {"pseudo_groups": dict(self.report)}
 
     def state_dict(self) -> dict[str, Any]:
         pseudo = None if self.pseudo is None else torch.from_numpy(self.pseudo)
-        return {"pseudo_attributes": pseudo, "report": dict(self.report)}
+        return super().state_dict() | {"pseudo_attributes": pseudo, "report": dict(self.report)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         pseudo = state["pseudo_attributes"]
         self.pseudo = None if pseudo is None else np.asarray(pseudo, dtype=np.int64)
         self.report = dict(state["report"])

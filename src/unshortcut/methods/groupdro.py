@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from unshortcut.methods.base import Batch, HParam, Method, TrainContext
+from unshortcut.methods.base import HParam, Method, TrainContext
 from unshortcut.methods.registry import register
+from unshortcut.rows import Batch
 
 
 @register
@@ -44,7 +44,7 @@ class GroupDRO(Method):
         self.row_groups = torch.as_tensor(ctx.train.groups, dtype=torch.long)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        losses = F.cross_entropy(model(batch.x), batch.y, reduction="none")
+        losses = self.per_sample_loss(model, batch)
         groups = self.row_groups[batch.index.cpu()].to(losses.device)
         n_groups = len(self.q)
         sums = torch.zeros(n_groups, device=losses.device).index_add(0, groups, losses)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from unshortcut.errors import UnshortcutError
-from unshortcut.methods.base import GroupedSplit, HParam, Method, TrainContext
-from unshortcut.methods.registry import register
+from unshortcut.methods.base import HParam, Method, TrainContext
+from unshortcut.methods.registry import get_method, register
+from unshortcut.rows import GroupedSplit
 
 
 def upsampled_rows(n_rows: int, error_set: np.ndarray, lambda_up: int) -> np.ndarray:
@@ -48,7 +49,7 @@ class JTT(Method):
             )
 
     def prepare(self) -> None:
-        model = self.ctx.fit_auxiliary(epochs=int(self.hp["epochs"]))
+        model = self.ctx.fit_auxiliary(get_method("erm")(self.ctx), epochs=int(self.hp["epochs"]))
         predicted = self.ctx.predict(model, "train").argmax(axis=1)
         errors = np.flatnonzero(predicted != self.ctx.train.labels)
         if len(errors) == 0:

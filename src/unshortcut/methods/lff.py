@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unshortcut.methods.base import Batch, HParam, Method, TrainContext
+from unshortcut.methods.base import HParam, Method, TrainContext
 from unshortcut.methods.registry import register
+from unshortcut.rows import Batch
 
 
 def generalized_cross_entropy(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
@@ -78,9 +79,8 @@ class LfF(Method):
         return self.biased
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(batch.x)
+        ce = self.per_sample_loss(model, batch)
         logits_biased = self.extra_modules()(batch.x)
-        ce = F.cross_entropy(logits, batch.y, reduction="none")
         ce_biased = F.cross_entropy(logits_biased, batch.y, reduction="none")
         rows = batch.index.cpu()
         self.ema_biased.update(rows, ce_biased)

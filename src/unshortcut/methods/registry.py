@@ -36,8 +36,9 @@ def _load_all() -> None:
 
 
 def method_names() -> list[str]:
+    """Registered names in registration order (ERM first, then as ``_METHOD_MODULES``)."""
     _load_all()
-    return sorted(_REGISTRY)
+    return list(_REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from unshortcut.methods.base import Batch, Method, TrainContext
+from unshortcut.methods.base import Method, TrainContext
 from unshortcut.methods.registry import register
+from unshortcut.rows import Batch
 
 
 def group_weights(group_counts: np.ndarray) -> np.ndarray:
@@ -39,5 +39,5 @@ class GroupReweight(Method):
         self.row_weights = torch.as_tensor(per_group[ctx.train.groups], dtype=torch.float32)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        losses = F.cross_entropy(model(batch.x), batch.y, reduction="none")
+        losses = self.per_sample_loss(model, batch)
         return (self.row_weights[batch.index.cpu()].to(losses.device) * losses).mean()

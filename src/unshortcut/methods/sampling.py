@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unshortcut.methods.base import GroupedSplit
+from unshortcut.rows import GroupedSplit
 
 
 def systematic_counts(rng: np.random.Generator, total: int, probs: np.ndarray) -> np.ndarray:

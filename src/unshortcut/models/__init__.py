@@ -5,6 +5,6 @@ Every model is a :class:`Classifier` so methods can reach the penultimate featur
 whatever the backbone.
 """
 
-from unshortcut.models.registry import Classifier, build_model, model_names
+from unshortcut.models.registry import Classifier, ModelOutput, build_model, model_names
 
-__all__ = ["Classifier", "build_model", "model_names"]
+__all__ = ["Classifier", "ModelOutput", "build_model", "model_names"]

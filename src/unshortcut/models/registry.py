@@ -8,6 +8,7 @@ for every architecture (MONAI's and timm's own classifier layers are dropped).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +17,20 @@ from unshortcut.errors import UnshortcutError
 
 BackboneBuilder = Callable[[int, int, bool], tuple[nn.Module, int]]
 """(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D)."""
+
+
+@dataclass
+class ModelOutput:
+    """Everything a forward pass gives; inference and methods read what they need.
+
+    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)`` where the model has a
+    penultimate layer (DFR, probes); ``pixel_logits`` ``(B, K, S, S)`` for models that
+    predict a map (spatial supervision).
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
+    pixel_logits: torch.Tensor | None = None
 
 
 class Classifier(nn.Module):
@@ -30,8 +45,17 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def outputs(self, x: torch.Tensor) -> ModelOutput:
+        """Logits and the features they were computed from, in one pass."""
+        features = self.features(x)
+        return ModelOutput(logits=self.head(features), features=features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.outputs(x).logits
+
+    def last_layer(self) -> nn.Linear | None:
+        """The linear layer that maps features to logits (DFR refits it), if there is one."""
+        return self.head
 
 
 def _builders() -> dict[str, BackboneBuilder]:

@@ -20,12 +20,10 @@ Memory stays at a few bands, whatever the image size.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -37,6 +35,7 @@ from unshortcut.io.readers import (
     iter_bands,
     iter_block_sums,
 )
+from unshortcut.prefetch import prefetched
 from unshortcut.tiling.grid import (
     Grid,
     area_resize,
@@ -48,8 +47,6 @@ from unshortcut.tiling.grid import (
     tumor_mask_uint8,
     windows,
 )
-
-T = TypeVar("T")
 
 #: Mask rows read per chunk when the mask reader has no band iterator of its own.
 _MASK_CHUNK_ROWS = 256
@@ -106,50 +103,6 @@ class _RollingRows:
         fresh = self._rows[self._fresh_from - start : bottom - start]
         self._fresh_from = bottom
         return self._rows[top - start : bottom - start], fresh
-
-
-def _prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
-    """Produce ``items`` in a background thread, up to ``depth`` ahead of the consumer.
-
-    Decoding (image tiles, mask tiles) then overlaps with pooling: the codecs and numpy
-    release the GIL, so this is real parallelism. An exception in the producer is raised
-    in the consumer; closing the consumer stops the producer.
-    """
-    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(entry: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-            put((True, end))
-        except BaseException as error:
-            put((False, error))
-
-    thread = threading.Thread(target=produce, name="unshortcut-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = buffer.get()
-            if not ok:
-                raise item
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _until(bands: Iterator[tuple[int, np.ndarray]], rows: int) -> Iterator[np.ndarray]:
@@ -258,12 +211,12 @@ def _pooled_rows(
     assert factor is not None
     base = math.gcd(factor, thumb_factor) if want_thumbnail else factor
     mask_factor = factor * downsample
-    image_sums = _prefetch(
+    image_sums = prefetched(
         chunk
         for _, chunk in iter_block_sums(reader, base, level, None, grid.covered_height // base)
     )
     mask_rows = grid.covered_height // factor
-    mask_sums = _prefetch(chunk for _, chunk in _mask_block_sums(mask, mask_factor, mask_rows))
+    mask_sums = prefetched(chunk for _, chunk in _mask_block_sums(mask, mask_factor, mask_rows))
     with closing(image_sums), closing(mask_sums):
         image_stream = _RollingRows(image_sums, grid.covered_width // base)
         mask_stream = _RollingRows(mask_sums, grid.covered_width // factor)
@@ -306,8 +259,8 @@ def _resized_rows(
     """Grid rows from full-resolution bands, each patch area-resized on its own."""
     size, full = grid.size, grid.size * downsample
     bands = iter_bands(reader, min(size, grid.stride), level)
-    image_chunks = _prefetch(_until(bands, grid.covered_height))
-    mask_chunks = _prefetch(_until(_mask_chunks(mask), grid.covered_height * downsample))
+    image_chunks = prefetched(_until(bands, grid.covered_height))
+    mask_chunks = prefetched(_until(_mask_chunks(mask), grid.covered_height * downsample))
     with closing(image_chunks), closing(mask_chunks):
         image_rows = _RollingRows(image_chunks, grid.covered_width)
         mask_rows = _RollingRows(mask_chunks, grid.covered_width * downsample)

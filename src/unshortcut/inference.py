@@ -1,0 +1,256 @@
+"""A run's data, inference, scoring and the predictions table.
+
+Shared by training (validation every epoch, the final scoring), ``evaluate`` and
+everything that scores a model on a patch set, so all of them bin, normalise, infer
+and score exactly alike. Nothing here trains.
+
+Only the splits a command needs are read: training loads train and val, and the
+test split only once training is over; evaluation loads val and test with the run's
+own group scheme and normalisation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from unshortcut.data import Normalization, SplitData, channel_stats
+from unshortcut.errors import UnshortcutError
+from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
+from unshortcut.metrics import evaluate_predictions, robust_bins_per_class
+from unshortcut.models import ModelOutput
+from unshortcut.rows import GroupedSplit
+from unshortcut.tiling.patchset import PatchSet
+
+SPLITS = ("train", "val", "test")
+EVAL_BATCH = 256
+THRESHOLD = 0.5
+"""Tumor probability at and above which a patch is predicted tumor (metrics and tables)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UnshortcutError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class RunData:
+    """A patch set seen through a run: groups, normalisation and per-split batches."""
+
+    patchset: PatchSet
+    scheme: GroupScheme
+    normalization: Normalization
+    robust_bins: list[list[int]]
+    """Per class, the attribute bins where the shortcut points away from it (training split)."""
+    device: torch.device
+    tables: dict[str, pd.DataFrame]
+    splits: dict[str, GroupedSplit]
+    loaders: dict[str, SplitData]
+
+    @property
+    def source(self) -> str:
+        return str(self.patchset.path)
+
+    def table(self, split: str) -> pd.DataFrame:
+        """The rows of ``split`` in pixel-store order (read once, then kept)."""
+        if split not in self.tables:
+            rows = self.patchset.rows(split)
+            self.tables[split] = self.patchset.table.iloc[rows].reset_index(drop=True)
+        return self.tables[split]
+
+    def load(self, split: str) -> None:
+        """Prepare ``split``'s grouped rows and batches (no-op when already loaded)."""
+        if split in self.loaders:
+            return
+        table = self.table(split)
+        if not len(table):
+            raise UnshortcutError(f"{self.source}: the {split} split has no patches")
+        grouped = self.scheme.grouped_split(table, f"{self.source} ({split} split)")
+        if split != "train" and len(np.unique(grouped.labels)) < grouped.n_classes:
+            warnings.warn(
+                f"{self.source}: the {split} split holds one class only; AUROC and robust "
+                "AUROC are reported as null and balanced accuracy covers that class alone",
+                stacklevel=2,
+            )
+        self.splits[split] = grouped
+        self.loaders[split] = SplitData(
+            self.patchset.pixels,
+            self.patchset.masks,
+            self.patchset.rows(split),
+            grouped,
+            self.normalization,
+            self.device,
+        )
+
+
+def load_run_data(
+    patches: Path,
+    *,
+    device: torch.device,
+    splits: Sequence[str],
+    attributes: Sequence[str] | None = None,
+    taus: Sequence[float] = (),
+    normalize: bool = True,
+    scheme: GroupScheme | None = None,
+    normalization: Normalization | None = None,
+    robust_bins: list[list[int]] | None = None,
+) -> RunData:
+    """Open a patch set and prepare ``splits``.
+
+    Training fits the group scheme (from ``attributes`` and ``taus``), the normalisation
+    and the robust-AUROC bins on the training split; scoring a finished run passes the
+    run's own ``scheme``, ``normalization`` and ``robust_bins``, so any patch set is
+    scored on the run's terms and its training split is never read.
+    """
+    patchset = PatchSet.open(patches)
+    data = RunData(
+        patchset,
+        scheme,
+        normalization,
+        robust_bins,
+        device,
+        {},
+        {},
+        {},  # type: ignore[arg-type]
+    )
+    train_source = f"{data.source} (train split)"
+    if scheme is None or normalization is None or robust_bins is None:
+        if attributes is None and scheme is None:
+            raise ValueError("load_run_data: give attributes to fit, or a fitted scheme")
+        train = data.table("train")
+        if not len(train):
+            raise UnshortcutError(f"{data.source}: the training split has no patches")
+        if scheme is None:
+            specs = parse_attribute_specs(list(attributes or ()), list(taus))
+            data.scheme = fit_groups(train, specs, source=train_source)
+        if normalization is None:
+            data.normalization = (
+                channel_stats(patchset.pixels, patchset.rows("train"))
+                if normalize
+                else Normalization.identity(patchset.channels)
+            )
+        if robust_bins is None:
+            data.robust_bins = robust_bins_per_class(
+                data.scheme.labels(train, train_source),
+                data.scheme.attribute_index(train, train_source),
+                data.scheme.n_classes,
+                data.scheme.n_attributes,
+            )
+    for split in splits:
+        data.load(split)
+    return data
+
+
+@torch.no_grad()
+def _forward_all(
+    model: nn.Module, loader: SplitData, pick: Callable[[ModelOutput], torch.Tensor], prefetch: bool
+) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    out = [pick(model.outputs(batch.x)).cpu() for batch in loader.sequential(EVAL_BATCH, prefetch)]
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def log_probabilities(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+    """Class log-probabilities ``(N, K)`` of every row, in order, in float64.
+
+    Computed from the logits in float64, so the per-row cross-entropy (and the mean
+    loss in metrics.json) can be recomputed exactly from the stored probabilities.
+    """
+    return _forward_all(
+        model, loader, lambda out: torch.log_softmax(out.logits.double(), dim=1), prefetch
+    )
+
+
+def features(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+    """Penultimate features ``(N, D)`` of every row, in order."""
+
+    def pick(out: ModelOutput) -> torch.Tensor:
+        if out.features is None:
+            raise UnshortcutError("the model exposes no features (ModelOutput.features)")
+        return out.features.float()
+
+    return _forward_all(model, loader, pick, prefetch)
+
+
+def row_losses(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy of every row: ``-log p(label)``."""
+    return -log_probs[np.arange(len(labels)), labels]
+
+
+def score_split(
+    data: RunData,
+    split: str,
+    log_probs: np.ndarray,
+    *,
+    bootstrap: int,
+    seed: int,
+    rows: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``split`` (see unshortcut.metrics) plus the mean cross-entropy "loss".
+
+    ``rows`` restricts scoring to those rows of the split (validation rows a method
+    did not train on); default all.
+    """
+    grouped = data.splits[split]
+    if rows is not None:
+        grouped = grouped.subset(rows)
+        log_probs = log_probs[rows]
+    metrics = evaluate_predictions(
+        labels=grouped.labels,
+        scores=np.exp(log_probs[:, 1]),
+        attributes=grouped.attributes,
+        image_ids=grouped.image_ids,
+        group_names=list(data.scheme.group_names),
+        n_attributes=grouped.n_attributes,
+        robust_bins_by_class=data.robust_bins,
+        threshold=THRESHOLD,
+        n_bootstrap=bootstrap,
+        seed=seed,
+    )
+    metrics["loss"] = float(row_losses(log_probs, grouped.labels).mean())
+    return metrics
+
+
+def predictions_table(
+    data: RunData, split: str, log_probs: np.ndarray, trained_on: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Contract 3.4 predictions: enough to recompute every metric, the loss included.
+
+    ``prediction`` is ``score >= THRESHOLD``, the rule the metrics use; ``loss`` the
+    row's cross-entropy; ``trained_on`` marks rows the method fitted on (DFR's half of
+    validation), which scoring leaves out.
+    """
+    grouped = data.splits[split]
+    table = data.table(split)
+    attribute_names = np.asarray(data.scheme.attribute_names, dtype=object)
+    group_names = np.asarray(data.scheme.group_names, dtype=object)
+    score = np.exp(log_probs[:, 1])
+    marked = np.zeros(len(grouped), dtype=bool)
+    if trained_on is not None:
+        marked[trained_on] = True
+    return pd.DataFrame(
+        {
+            "patch_id": table["patch_id"].to_numpy(),
+            "image_id": table["image_id"].to_numpy(),
+            "label": grouped.labels,
+            "group": group_names[grouped.groups],
+            "attribute": attribute_names[grouped.attributes],
+            "score": score,
+            "prediction": (score >= THRESHOLD).astype(np.int64),
+            "loss": row_losses(log_probs, grouped.labels),
+            "trained_on": marked,
+        }
+    )
