@@ -18,6 +18,7 @@ from unshortcut.cli import app
 from unshortcut.config import CRITERIA, TrainConfig, load_config, parse_hp
 from unshortcut.errors import UnshortcutError
 from unshortcut.evaluate import evaluate_run
+from unshortcut.inference import load_run_data
 from unshortcut.methods import get_method, method_names
 from unshortcut.methods.erm import ERM
 from unshortcut.runs import load_model, open_run
@@ -447,3 +448,26 @@ def test_a_method_with_its_own_optimizer_trains_logs_and_resumes_exactly(
     again = torch.load(resumed.out / "checkpoints" / "last.pt", weights_only=False)
     for key, value in last["extra"].items():
         torch.testing.assert_close(again["extra"][key], value, rtol=0, atol=0)
+
+
+def test_a_run_opens_from_another_directory_and_evaluation_reads_only_val_and_test(
+    patches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(patches.parent)
+    config = _config(Path(patches.name), tmp_path / "run", epochs=1)
+    run = train(config, progress=False)
+    saved = json.loads(_read(run / "config.json"))
+    assert saved["patches"] == str(patches.resolve())
+    monkeypatch.chdir(tmp_path)
+    opened = open_run(run)
+    data = load_run_data(
+        opened.config.patches,
+        device=torch.device("cpu"),
+        splits=("val", "test"),
+        scheme=opened.scheme,
+        normalization=opened.normalization,
+        robust_bins=opened.robust_bins,
+    )
+    assert set(data.tables) == {"val", "test"}  # the training split is never read
+    _, metrics = evaluate_run(run, bootstrap=0)
+    assert metrics["test"]["n"] == len(data.splits["test"])
