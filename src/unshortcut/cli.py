@@ -431,7 +431,7 @@ def audit_command(
     )
     for problem in result.warnings:
         error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
-    console.print(audit_renderables(result))
+    console.print(audit_renderables(result, console.width))
     if out is not None:
         write_audit(result, out, overwrite)
         console.print(f"audit written to {out}")

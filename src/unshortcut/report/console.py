@@ -8,8 +8,10 @@ ellipsising, and the minority groups are listed by their full names, one per lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -42,23 +44,35 @@ def summary_table(result: AuditResult) -> Table:
     return table
 
 
-def crosstab(counts: GroupCounts, title: str) -> Table:
-    """Patches per bin (rows) and class (columns) as 'train / val / test'; * marks minority."""
+def _crosstab_table(counts: GroupCounts, title: str, names: Sequence[str], keyed: bool) -> Table:
     splits = " / ".join(counts.patches)
     table = _table(f"{title}: patches ({splits})")
-    table.caption = "* minority group"
+    table.caption = "* minority group" + (", bins b1... named below" if keyed else "")
     table.caption_justify = "left"
     table.add_column("bin", overflow="fold")
     for name in counts.class_names:
         table.add_column(name, justify="right", no_wrap=True)
-    minority = counts.minority
-    for a, bin_name in enumerate(counts.bin_names):
+    for a, name in enumerate(names):
         cells = []
         for y in range(len(counts.class_names)):
             numbers = " / ".join(str(int(n[y, a])) for n in counts.patches.values())
-            cells.append(f"{numbers}{'*' if minority[y, a] else ' '}")
-        table.add_row(bin_name, *cells)
+            cells.append(f"{numbers}{'*' if counts.minority[y, a] else ' '}")
+        table.add_row(name, *cells)
     return table
+
+
+def crosstab(counts: GroupCounts, title: str, width: int) -> list[RenderableType]:
+    """Patches per bin (rows) and class (columns) as 'train / val / test'; * marks minority.
+
+    When the bin names do not fit beside the counts in ``width`` columns (long
+    intersections), the rows show keys b1, b2, ... and a legend below names them whole.
+    """
+    table = _crosstab_table(counts, title, counts.bin_names, keyed=False)
+    if Console(width=10 * width).measure(table).maximum <= width:  # unwrapped width
+        return [table]
+    keys = [f"b{k + 1}" for k in range(len(counts.bin_names))]
+    legend = [f"{key} = {name}" for key, name in zip(keys, counts.bin_names, strict=True)]
+    return [_crosstab_table(counts, title, keys, keyed=True), _lines("bins", legend)]
 
 
 def _lines(title: str, items: list[str]) -> Text:
@@ -84,11 +98,12 @@ def error_table(audit: AttributeAudit, split: str) -> Table:
     return table
 
 
-def attribute_renderables(audit: AttributeAudit) -> list[RenderableType]:
+def attribute_renderables(audit: AttributeAudit, width: int) -> list[RenderableType]:
     parts: list[RenderableType] = []
     if audit.counts is not None:
-        parts.append(crosstab(audit.counts, audit.column))
-        parts.append(_lines("minority groups", audit.counts.minority_groups))
+        parts += crosstab(audit.counts, audit.column, width)
+        minority = audit.counts.minority_groups or ["none (each bin holds the classes alike)"]
+        parts.append(_lines("minority groups", minority))
     suggested = audit.suggested_taus
     if suggested:
         items = [
@@ -106,16 +121,16 @@ def attribute_renderables(audit: AttributeAudit) -> list[RenderableType]:
     return parts
 
 
-def audit_renderables(result: AuditResult) -> Group:
-    """Everything the audit prints, ending with the overall verdict."""
+def audit_renderables(result: AuditResult, width: int = 80) -> Group:
+    """Everything the audit prints for a ``width``-column terminal, ending with the verdict."""
     parts: list[RenderableType] = [summary_table(result)]
     for audit in result.attributes:
-        parts += attribute_renderables(audit)
+        parts += attribute_renderables(audit, width)
     if (
         result.scheme is not None
         and result.groups is not None
         and len(result.scheme.attributes) > 1
     ):
-        parts.append(crosstab(result.groups, "groups for training"))
+        parts += crosstab(result.groups, "groups for training", width)
     parts.append(Text.assemble(("verdict: ", "bold"), result.verdict.text))
     return Group(*parts)
