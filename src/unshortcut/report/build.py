@@ -1,9 +1,10 @@
 """Build the report of one run or a folder of runs, and write its HTML page and Markdown twin.
 
-The report opens with the shortcut audit of the runs' patch set (with the runs'
-own grouping attributes), then compares the runs: headline metrics, accuracy per
-group, what each selection criterion picks, training curves, the error against the
-attribute, the selection protocol, the exact configurations and every warning.
+The report opens with a summary (the audit's verdict) and the headline metrics, then
+the shortcut audit of the runs' patch set (with the runs' own grouping attributes),
+accuracy per group, what each selection criterion picks, training curves, the error
+against the attribute, the selection protocol, the exact configurations and every
+warning.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _summary(source: Path, settings: Sequence[Setting], audits: dict[str, AuditR
         f"{n_runs} run(s) in {len(settings)} setting(s): "
         + "; ".join(f"{s.label} ({len(s.runs)} run(s))" for s in settings),
     ]
+    criteria = sorted({run.criterion for s in settings for run in s.runs})
+    items.append(f"Checkpoints chosen by validation {', '.join(criteria)}; test scored once")
     items += [f"Audit of {patches}: {audit.verdict.level}" for patches, audit in audits.items()]
     blocks = [Bullets(tuple(items))]
     blocks += [Paragraph(f"Verdict: {a.verdict.text}", emphasis=True) for a in audits.values()]
@@ -112,8 +115,8 @@ def build_report(
                 warnings.append(f"{run.path}: no predictions for {', '.join(missing)}")
     sections = [
         _summary(source, settings, audits),
-        *audit_sections,
         results_section(settings),
+        *audit_sections,
         groups_section(settings),
         selection_section(settings),
         curves_section(settings),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from unshortcut.groups import CLASS_NAMES
 
@@ -203,6 +204,7 @@ def training_curves_png(
                 )
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         labelled.add(label)
     _legend(figure, axes[0])

@@ -168,7 +168,8 @@ def protocol_section(settings: Sequence[Setting]) -> Section:
         items.append(
             f"{setting.label}: checkpoint chosen by validation "
             f"{selection.get('criterion', MISSING)}{scored} "
-            f"(epoch {', '.join(str(e) for e in epochs)} of {config.get('epochs', MISSING)}); "
+            f"(epoch {', '.join(str(e) for e in epochs)}, counting from 0, of "
+            f"{config.get('epochs', MISSING)}); "
             f"groups {', '.join(config.get('attributes', []) or ['none'])}"
             f"{' at tau ' + ', '.join(map(str, config['taus'])) if config.get('taus') else ''}; "
             f"intervals from {bootstrap.get('replicates', MISSING)} bootstrap resamples of "
