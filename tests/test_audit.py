@@ -177,7 +177,7 @@ def test_tau_suggestions_put_the_class_boundary_first_and_skip_unmeasurable(
          "erm is likely enough, but select it by validation worst-group accuracy"),
         ({(1, HIGH): 2, (1, LOW): 2, (0, HIGH): 2, (0, LOW): 2}, "none",
          "no tissue-size shortcut: tissue_ratio alone predicts the label with training AUROC "
-         "0.50 [0.50, 0.50] (higher values in tumor patches); nothing to correct for tissue_ratio"),
+         "0.50 [0.50, 0.50]; nothing to correct for tissue_ratio"),
     ],
 )  # fmt: skip
 def test_verdict_wording(tmp_path: Path, per_image: dict, level: str, start: str) -> None:
@@ -193,7 +193,7 @@ def test_verdict_warns_when_a_minority_group_is_too_small_to_measure(
     result = audit_patch_set(shortcut_set, n_bootstrap=0)  # 10 patches per minority group
     assert result.verdict.text.endswith(
         "Warning: the minority group non-tumor|tissue_ratio>=0.5 has 10 train patches from 10 "
-        "image(s), too few to measure its accuracy"
+        "image(s), too few to measure its accuracy (>= 30 patches from >= 3 images)"
     )
 
 
@@ -243,8 +243,11 @@ def test_metadata_columns_are_audited_categorical_with_their_own_advice(tmp_path
     # Site A holds most tumor patches: a site shortcut besides the tissue one.
     position = np.arange(len(table))
     table["site"] = np.where((table["label"] == 1) == (position % 3 != 0), "A", "B")
+    table["age"] = np.where(position % 7 == 0, np.nan, 60.0 + position % 30)  # gaps: skipped
     patch_set = write_table_patch_set(tmp_path / "p", table)
     result = audit_patch_set(patch_set, n_bootstrap=50)
+    assert [a.column for a in result.attributes] == ["tissue_ratio", "site"]
+    assert "column 'age' has 35 missing value(s): not audited" in result.warnings  # 240 / 7
     site = result.attributes[1]
     assert site.kind == "categorical"
     assert site.counts is not None and site.counts.bin_names == ("site=A", "site=B")
@@ -300,7 +303,7 @@ def test_run_errors_against_the_attribute_and_the_run_verdict(
     assert curve.errors[:, [low, high]].tolist() == [[0, 10], [10, 0]]
     assert curve.rate[0, high] == 1.0 and curve.rate[1, high] == 0.0
     assert result.verdict.text.endswith(
-        f"run {run} (erm): validation worst-group accuracy 0.0% vs balanced accuracy 75.0%, "
+        f"Run {run} (erm): validation worst-group accuracy 0.0% vs balanced accuracy 75.0%, "
         "robust AUROC 0.00 vs AUROC 0.75: it relies on the shortcut"
     )
     foreign = predictions.assign(patch_id="elsewhere")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from unshortcut.audit.attributes import AttributeAudit, audit_attribute, default_audit_specs
 from unshortcut.audit.counts import GroupCounts, group_counts
 from unshortcut.audit.model_errors import ErrorCurve, run_error_curves
@@ -39,7 +41,13 @@ from unshortcut.audit.verdict import (
     run_verdict,
 )
 from unshortcut.errors import UnshortcutError
-from unshortcut.groups import AttributeSpec, GroupScheme, fit_groups
+from unshortcut.groups import (
+    DEFAULT_ATTRIBUTE,
+    AttributeSpec,
+    GroupScheme,
+    fit_groups,
+    parse_attribute_specs,
+)
 from unshortcut.report.run_folders import RunFolder
 from unshortcut.tiling.patchset import PatchSet
 
@@ -91,6 +99,13 @@ class AuditResult:
         }
 
 
+def _column_problem(table: pd.DataFrame, column: str) -> str | None:
+    if column not in table.columns:
+        return f"no column '{column}' (available: {', '.join(map(str, table.columns))})"
+    missing = int(table[column].isna().sum())
+    return f"column '{column}' has {missing} missing value(s)" if missing else None
+
+
 def read_run(path: Path | str) -> tuple[RunFolder, RunCheck]:
     """Open a run folder for the audit: its headline validation numbers."""
     run = RunFolder.open(path)
@@ -118,16 +133,23 @@ def audit_patch_set(
     source = str(patches.path / "patches.parquet")
     if not (table["split"] == "train").any():
         raise UnshortcutError(f"{source}: no training patches to audit")
-    chosen = list(specs) if specs else default_audit_specs(table, taus)
-    for spec in chosen:
-        if spec.column not in table.columns:
-            available = ", ".join(map(str, table.columns))
-            raise UnshortcutError(f"{source}: no column '{spec.column}' (available: {available})")
-        missing = int(table[spec.column].isna().sum())
-        if missing:
-            raise UnshortcutError(
-                f"{source}: column '{spec.column}' has {missing} missing value(s)"
-            )
+    warnings: list[str] = []
+    if specs:
+        chosen = list(specs)
+        for spec in chosen:
+            problem = _column_problem(table, spec.column)
+            if problem:
+                raise UnshortcutError(f"{source}: {problem}")
+    else:  # discovered columns: one with gaps is skipped, not fatal
+        chosen = []
+        for spec in default_audit_specs(table, taus):
+            problem = _column_problem(table, spec.column)
+            if problem:
+                warnings.append(f"{problem}: not audited")
+            else:
+                chosen.append(spec)
+    if not chosen:
+        raise UnshortcutError(f"{source}: no attribute to audit ({'; '.join(warnings)})")
     audits = [
         audit_attribute(
             spec,
@@ -144,7 +166,7 @@ def audit_patch_set(
     for audit in audits:
         others = [c for c in varying if c != audit.column]
         audit.verdict = attribute_verdict(audit, others, min_group_patches, min_group_images)
-    warnings = [f"{a.column}: {a.note}" for a in audits if a.note and a.kind != "constant"]
+    warnings += [f"{a.column}: {a.note}" for a in audits if a.note and a.kind != "constant"]
     run_check = None
     if run is not None:
         folder, run_check = read_run(run)
@@ -152,7 +174,7 @@ def audit_patch_set(
             if audit.kind != "constant":
                 categorical = audit.kind == "categorical"
                 audit.errors = run_error_curves(categorical, audit.column, table, folder)
-    train_specs = chosen if specs else chosen[:1]
+    train_specs = chosen if specs else parse_attribute_specs([DEFAULT_ATTRIBUTE], taus)
     scheme = groups = None
     try:
         scheme = fit_groups(table[table["split"] == "train"], train_specs, source=source)

@@ -112,17 +112,20 @@ def default_audit_specs(table: pd.DataFrame, taus: Sequence[float] = ()) -> list
         if column in REQUIRED_COLUMNS:
             continue
         values = train[column]
-        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        if numeric and values.nunique() > CATEGORICAL_MAX_VALUES:
+        if _is_numeric(values) and values.nunique() > CATEGORICAL_MAX_VALUES:
             specs.append(AttributeSpec(column, quantiles=4))
         else:
             specs.append(AttributeSpec(column, categorical=True))
     return specs
 
 
+def _is_numeric(values: pd.Series) -> bool:
+    """Numbers that thresholds apply to (booleans are categories), as groups.py decides."""
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
 def _is_categorical(spec: AttributeSpec, values: pd.Series) -> bool:
-    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-    return bool(spec.categorical) or (spec.categorical is None and not numeric)
+    return bool(spec.categorical) or (spec.categorical is None and not _is_numeric(values))
 
 
 def _attribute_score(

@@ -92,7 +92,7 @@ def attribute_verdict(
     """Strength level and an action, from the training AUROC, its interval and the groups.
 
     Levels: strong (|AUROC - 0.5| >= 0.2), moderate (>= 0.1), weak (>= 0.05), none;
-    inconclusive when the interval includes 0.5 although the estimate is not weak;
+    inconclusive when the interval includes 0.5 although the estimate is at least weak;
     constant when the attribute does not vary in the training split.
     """
     level, column, name = _level(audit), audit.column, _shortcut_name(audit.column)
@@ -102,7 +102,7 @@ def attribute_verdict(
         return Verdict(level, text, column)
     value, ci = audit.auroc["train"]
     auroc = f"{column} alone predicts the label with training AUROC {auc(value, ci)}"
-    if audit.kind == "numeric" and value is not None:
+    if audit.kind == "numeric" and level != "none" and value is not None:
         side = "tumor" if value >= 0.5 else "non-tumor"
         auroc += f" (higher values in {side} patches)"
     groups = ""
@@ -147,7 +147,8 @@ def _measurability(audit: AttributeAudit, min_patches: int, min_images: int) -> 
             fix = f"; --tau {best[0].tau:g} keeps every group measurable" if best else ""
             return (
                 f". Warning: the minority group {group} has {n} {split} patches from {images} "
-                f"image(s), too few to measure its accuracy{fix}"
+                f"image(s), too few to measure its accuracy (>= {min_patches} patches from "
+                f">= {min_images} images){fix}"
             )
     return ""
 
@@ -156,7 +157,7 @@ def run_verdict(run: RunCheck) -> str:
     """Whether a trained run uses the shortcut, from validation numbers only."""
     val, gap = run.val, run.gap()
     if gap is None:
-        return f"run {run.path} ({run.method}): validation accuracies are undefined"
+        return f"Run {run.path} ({run.method}): validation accuracies are undefined"
 
     numbers = (
         f"validation worst-group accuracy {pct(val.get('worst_group_accuracy'))}% vs balanced "
@@ -164,7 +165,7 @@ def run_verdict(run: RunCheck) -> str:
         f"{auc(val.get('robust_auroc'))} vs AUROC {auc(val.get('auroc'))}"
     )
     finding = "it relies on the shortcut" if gap >= GAP_POINTS else "no large worst-group gap"
-    return f"run {run.path} ({run.method}): {numbers}: {finding}"
+    return f"Run {run.path} ({run.method}): {numbers}: {finding}"
 
 
 def overall_verdict(audits: Sequence[AttributeAudit]) -> Verdict:
