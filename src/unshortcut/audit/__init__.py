@@ -76,6 +76,12 @@ class AuditResult:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def intersections(self) -> GroupCounts | None:
+        """The groups train forms when they cross several attributes (else None)."""
+        several = self.scheme is not None and len(self.scheme.attributes) > 1
+        return self.groups if several else None
+
+    @property
     def attribute_auroc(self) -> dict[str, dict[str, float | None]]:
         """Attribute-only AUROC per attribute and split (point estimates)."""
         return {a.column: {s: v for s, (v, _) in a.auroc.items()} for a in self.attributes}

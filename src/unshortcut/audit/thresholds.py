@@ -87,13 +87,18 @@ def tau_candidates(
     return result
 
 
+def rank_measurable(candidates: Sequence[TauCandidate]) -> list[TauCandidate]:
+    """The measurable thresholds, largest class gap first (ties: the lower tau)."""
+    return sorted((t for t in candidates if t.measurable), key=lambda t: (-t.gap, t.tau))
+
+
 def suggest(candidates: Sequence[TauCandidate]) -> list[TauCandidate]:
     """Measurable thresholds, most exposing first, at most SUGGESTIONS.
 
     Neighbours of a better suggestion (closer than SPACING of the candidates' span)
     are skipped: three nearly equal thresholds would offer no choice.
     """
-    ranked = sorted((t for t in candidates if t.measurable), key=lambda t: (-t.gap, t.tau))
+    ranked = rank_measurable(candidates)
     span = max((t.tau for t in candidates), default=0) - min((t.tau for t in candidates), default=0)
     chosen: list[TauCandidate] = []
     for candidate in ranked:

@@ -15,6 +15,8 @@ import pandas as pd
 
 from unshortcut.atomic import atomic_directory
 from unshortcut.audit import AttributeAudit, AuditResult, ErrorCurve, GroupCounts
+from unshortcut.audit.model_errors import MIN_ERROR_BIN
+from unshortcut.audit.thresholds import rank_measurable
 from unshortcut.report.document import (
     Block,
     Bullets,
@@ -81,7 +83,7 @@ def tau_blocks(audit: AttributeAudit, min_patches: int, min_images: int) -> list
     Every candidate, measurable or not, is in audit.json.
     """
     limits = f">= {min_patches} patches from >= {min_images} images in train and validation"
-    measurable = sorted((t for t in audit.taus if t.measurable), key=lambda t: (-t.gap, t.tau))
+    measurable = rank_measurable(audit.taus)
     if not measurable:
         best = max(audit.taus, key=lambda t: t.smallest.get("val", ("", 0, 0))[1])
         val = best.smallest.get("val")
@@ -138,7 +140,7 @@ def attribute_section(audit: AttributeAudit, settings: dict[str, Any]) -> Sectio
     if audit.errors:
         caption = (
             f"The run's error rate against {audit.column} per class (bins with fewer than "
-            "5 patches left out)"
+            f"{MIN_ERROR_BIN} patches left out)"
         )
         blocks.append(error_figure(audit.column, audit.errors, caption, f"error-{audit.column}"))
     if audit.note and audit.kind != "constant":
@@ -169,13 +171,10 @@ def audit_section(
         ),
     ]
     subsections = [attribute_section(a, result.settings) for a in result.attributes]
-    if (
-        result.scheme is not None
-        and result.groups is not None
-        and len(result.scheme.attributes) > 1
-    ):
+    if result.intersections is not None:
         caption = "Intersectional groups that train forms from these attributes"
-        subsections.append(Section("groups for training", [group_table(result.groups, caption)]))
+        table = group_table(result.intersections, caption)
+        subsections.append(Section("groups for training", [table]))
     if result.warnings:
         subsections.append(Section("audit warnings", [Bullets(tuple(result.warnings))]))
     return Section(title, blocks, subsections)
@@ -185,7 +184,7 @@ def audit_document(result: AuditResult) -> Document:
     return Document("Shortcut audit", result.patches, [audit_section(result, "Audit")])
 
 
-def write_audit(result: AuditResult, out: Path, overwrite: bool = False) -> None:
+def write_audit(result: AuditResult, out: Path | str, overwrite: bool = False) -> None:
     """audit.json, groups.csv, audit.html (self-contained), audit.md and its PNGs, atomically."""
     document = audit_document(result)
     markdown, figures = render_markdown(document, AUDIT_IMAGES)

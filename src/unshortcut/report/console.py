@@ -126,11 +126,7 @@ def audit_renderables(result: AuditResult, width: int = 80) -> Group:
     parts: list[RenderableType] = [summary_table(result)]
     for audit in result.attributes:
         parts += attribute_renderables(audit, width)
-    if (
-        result.scheme is not None
-        and result.groups is not None
-        and len(result.scheme.attributes) > 1
-    ):
-        parts += crosstab(result.groups, "groups for training", width)
+    if result.intersections is not None:
+        parts += crosstab(result.intersections, "groups for training", width)
     parts.append(Text.assemble(("verdict: ", "bold"), result.verdict.text))
     return Group(*parts)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from unshortcut.audit.model_errors import ErrorCurve, predictions_error_curve
+from unshortcut.audit.model_errors import MIN_ERROR_BIN, ErrorCurve, predictions_error_curve
 from unshortcut.report.audit_section import error_figure
 from unshortcut.report.document import Block, Bullets, Code, Figure, Paragraph, Section, Table
 from unshortcut.report.formatting import MISSING, pct
@@ -199,7 +200,7 @@ def curves_section(settings: Sequence[Setting]) -> Section:
     )
 
 
-def _categorical(config: dict, column: str) -> bool:
+def _categorical(config: dict[str, Any], column: str) -> bool:
     for attribute in config.get("groups", {}).get("attributes", []):
         if attribute.get("column") == column:
             return bool(attribute.get("categories"))
@@ -228,7 +229,7 @@ def error_section(
                 continue
             caption = (
                 f"Error rate against {column}, {SPLIT_NAMES[split]} split (seeds pooled; bins "
-                "with fewer than 5 patches left out)"
+                f"with fewer than {MIN_ERROR_BIN} patches left out)"
             )
             blocks.append(error_figure(column, curves, caption, f"error-{column}-{split}"))
     if not blocks:
