@@ -382,44 +382,95 @@ def synth(
 def audit_command(
     patches: Path = typer.Argument(..., help="Patch set folder written by `unshortcut patchify`."),
     attribute: list[str] = typer.Option(
-        ["tissue_ratio"],
+        [],
         "--attribute",
         "-a",
-        help="Attribute to audit; repeat for several (intersectional groups). "
-        "Syntax: 'tissue_ratio', 'tissue_ratio:0.3,0.6', 'tissue_ratio:q4', 'site'.",
+        help="Attribute to audit (repeatable; several also give train's intersectional groups). "
+        "Syntax: 'tissue_ratio', 'tissue_ratio:0.3,0.6', 'tissue_ratio:q4', 'site', 'site:cat' "
+        "[default: tissue_ratio and every metadata column].",
     ),
     tau: list[float] = typer.Option(
-        [], "--tau", help="Threshold(s) binning numeric attributes (default 0.5)."
+        [], "--tau", help="Threshold(s) binning bare numeric attributes (default 0.5)."
+    ),
+    run: Path | None = typer.Option(
+        None, "--run", help="A run folder: add the model's error against each attribute."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Write audit.json, groups.csv and a distribution plot here."
+        None, "--out", help="Write audit.json, groups.csv, audit.html, audit.md and plots here."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+    bootstrap: int = typer.Option(
+        1000, "--bootstrap", help="Image-level bootstrap resamples for the AUROC intervals."
+    ),
+    min_group_patches: int = typer.Option(
+        30, "--min-group-patches", help="Patches a group needs to be measurable."
+    ),
+    min_group_images: int = typer.Option(
+        3, "--min-group-images", help="Images a group needs to be measurable."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the kNN estimate."),
 ) -> None:
-    """How strongly does an attribute alone predict the label? Prints the group table."""
-    from rich.table import Table
+    """How strongly does each attribute alone predict the label, and what to do about it.
 
-    from unshortcut.audit import audit_patch_set, write_audit
+    Per attribute: AUROC of the attribute alone (image-bootstrap interval), mutual
+    information, the label x bin table with the minority groups, threshold suggestions,
+    and a verdict; with --run, the model's error rate against the attribute.
+    """
+    from unshortcut.audit import audit_patch_set
     from unshortcut.groups import parse_attribute_specs
+    from unshortcut.report.audit_section import write_audit
+    from unshortcut.report.console import audit_renderables
     from unshortcut.tiling.patchset import PatchSet
 
-    patch_set = PatchSet.open(patches)
-    result = audit_patch_set(patch_set, parse_attribute_specs(attribute, tau))
-    for column, by_split in result.attribute_auroc.items():
-        shown = ", ".join(
-            f"{split} {value:.3f}" if value is not None else f"{split} n/a"
-            for split, value in by_split.items()
+    if bootstrap < 0 or min_group_patches < 1 or min_group_images < 1:
+        raise UnshortcutError(
+            "--bootstrap must be >= 0, --min-group-patches and --min-group-images >= 1"
         )
-        console.print(f"AUROC of [bold]{column}[/] alone for the label: {shown}")
-    table = Table(title="Groups (label x attribute bins)")
-    for name in result.group_table.columns:
-        table.add_column(str(name))
-    for row in result.group_table.itertuples(index=False):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
+    specs = parse_attribute_specs(attribute, tau) if attribute else None
+    result = audit_patch_set(
+        PatchSet.open(patches),
+        specs,
+        taus=tau,
+        run=run,
+        n_bootstrap=bootstrap,
+        seed=seed,
+        min_group_patches=min_group_patches,
+        min_group_images=min_group_images,
+    )
+    for problem in result.warnings:
+        error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
+    console.print(audit_renderables(result, console.width))
     if out is not None:
-        write_audit(result, patch_set, out, overwrite)
+        write_audit(result, out, overwrite)
         console.print(f"audit written to {out}")
+
+
+@command("report")
+def report_command(
+    source: Path = typer.Argument(
+        ..., help="A run folder, or a folder of runs (seeds, methods, a sweep) below it."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="HTML file to write [default: SOURCE/report.html]."
+    ),
+    bootstrap: int = typer.Option(
+        1000, "--bootstrap", help="Image-level bootstrap resamples for the audit's intervals."
+    ),
+) -> None:
+    """One self-contained HTML report (and a Markdown twin) of one run or a folder of runs.
+
+    The shortcut audit, headline metrics with intervals, accuracy per group, what each
+    selection criterion picks, training curves, error against the attribute, the
+    selection protocol, the exact configuration and every warning.
+    """
+    from unshortcut.report.build import write_report
+
+    if bootstrap < 0:
+        raise UnshortcutError("--bootstrap must be >= 0")
+    files = write_report(source, out, n_bootstrap=bootstrap)
+    for problem in files.warnings:
+        error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
+    console.print(f"report written to {files.html} (Markdown: {files.markdown})")
 
 
 @command("demo")

@@ -14,9 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from unshortcut.audit import audit_patch_set, write_audit
+from unshortcut.audit import audit_patch_set
 from unshortcut.config import load_config
 from unshortcut.groups import parse_attribute_specs
+from unshortcut.report.audit_section import write_audit
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, make_config
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
@@ -62,7 +63,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     patch_set = PatchSet.open(patches)
     specs = parse_attribute_specs(["tissue_ratio"], [settings.tau])
     audit = audit_patch_set(patch_set, specs)
-    write_audit(audit, patch_set, out / "audit", overwrite=overwrite)
+    write_audit(audit, out / "audit", overwrite=overwrite)
     auroc = audit.attribute_auroc["tissue_ratio"]
     shown = ", ".join(f"{split} {value:.3f}" for split, value in auroc.items() if value is not None)
     console.print(f"tissue_ratio alone predicts the label with AUROC {shown}")

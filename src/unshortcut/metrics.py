@@ -192,6 +192,35 @@ def evaluate_predictions(
     return result
 
 
+def image_bootstrap_auroc(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    image_ids: np.ndarray,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[float | None, list[float] | None]:
+    """AUROC of any score for 0/1 ``labels`` and its 95% image-level bootstrap interval.
+
+    The estimator behind ``auroc`` and ``auroc_ci`` of :func:`evaluate_predictions`,
+    for scores that are not a model's (the audit scores the label with an attribute
+    alone). ``None`` where a class is absent; no interval when ``n_bootstrap`` is 0.
+    """
+    positive = np.asarray(labels) == 1
+    _, image_index = np.unique(np.asarray(image_ids), return_inverse=True)
+    n_images = int(image_index.max()) + 1 if len(image_index) else 0
+    auroc = _WeightedAuroc(np.asarray(scores, dtype=np.float64), positive, image_index)
+    point = _scalar(auroc(np.ones((1, n_images)))[0])
+    if point is None or not n_bootstrap:
+        return point, None
+    replicates = auroc(_image_weights(np.random.default_rng(seed), n_images, n_bootstrap))
+    finite = replicates[np.isfinite(replicates)]  # replicates that lack a class are left out
+    if not finite.size:
+        return point, None
+    interval = np.percentile(finite, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return point, [float(v) for v in interval]
+
+
 def _image_weights(rng: np.random.Generator, n_images: int, n_bootstrap: int) -> np.ndarray:
     """How often each image is drawn, (n_bootstrap, n_images): n_images draws with replacement."""
     draws = rng.integers(0, n_images, size=(n_bootstrap, n_images))
