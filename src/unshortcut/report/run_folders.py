@@ -86,7 +86,9 @@ class RunFolder:
         return (self.path / "predictions" / f"{split}.parquet").is_file()
 
     def predictions(self, split: str) -> pd.DataFrame | None:
-        """``predictions/<split>.parquet`` (contract columns checked), or None when absent."""
+        """The scored rows of ``predictions/<split>.parquet`` (contract columns checked;
+        rows the method trained on, ``trained_on``, left out as the metrics leave them
+        out), or None when absent."""
         file = self.path / "predictions" / f"{split}.parquet"
         if not file.is_file():
             return None
@@ -97,6 +99,8 @@ class RunFolder:
         missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
         if missing:
             raise UnshortcutError(f"{file}: missing columns {', '.join(missing)}")
+        if "trained_on" in table.columns:
+            table = table[~table["trained_on"].astype(bool)].reset_index(drop=True)
         return table
 
 

@@ -23,7 +23,7 @@ from unshortcut.report.run_folders import RunFolder
 
 PER_RUN_KEYS = ("out", "seed", "device", "num_threads", "prefetch")
 """Configuration keys that differ between seeds of one setting or between machines."""
-DERIVED_KEYS = ("groups", "normalization", "input", "rare_attribute_by_class", "unshortcut_version")
+DERIVED_KEYS = ("groups", "normalization", "input", "robust_bins_by_class", "unshortcut_version")
 """Keys computed from the data; part of a setting's identity, but never of its name."""
 
 
