@@ -246,8 +246,11 @@ class SplitData:
         for batch in source:
             yield batch if self.device.type == "cpu" else batch.to(self.device)
 
-    def sequential(self, batch_size: int, prefetch: bool = True) -> Iterator[Batch]:
-        """Every row once, in order, without augmentation or masks (for prediction)."""
+    def sequential(
+        self, batch_size: int, prefetch: bool = True, with_masks: bool = False
+    ) -> Iterator[Batch]:
+        """Every row once, in order, without augmentation (for prediction); masks only
+        when asked for (scoring pixel maps)."""
         starts = range(0, len(self), batch_size)
         index = (np.arange(s, min(s + batch_size, len(self))) for s in starts)
-        return self.batches(index, prefetch=prefetch, with_masks=False)
+        return self.batches(index, prefetch=prefetch, with_masks=with_masks)

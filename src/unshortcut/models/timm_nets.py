@@ -11,7 +11,11 @@ from torch import nn
 from unshortcut.errors import UnshortcutError
 
 
-def build(name: str, in_channels: int, pretrained: bool) -> tuple[nn.Module, int]:
+def build(
+    name: str, in_channels: int, pretrained: bool, features_only: bool = False
+) -> tuple[nn.Module, int]:
+    """``(net, feature dim)``; with ``features_only`` the net returns its stage maps
+    (finest first), which a pixel decoder reads."""
     try:
         import timm
     except ImportError:
@@ -21,7 +25,8 @@ def build(name: str, in_channels: int, pretrained: bool) -> tuple[nn.Module, int
     if name not in timm.list_models():
         raise UnshortcutError(f"--model timm:{name}: timm has no model named {name!r}")
     try:
-        net = timm.create_model(name, pretrained=pretrained, in_chans=in_channels, num_classes=0)
+        head = {"features_only": True} if features_only else {"num_classes": 0}
+        net = timm.create_model(name, pretrained=pretrained, in_chans=in_channels, **head)
     except (OSError, RuntimeError) as error:
         if not pretrained:
             raise
@@ -29,4 +34,6 @@ def build(name: str, in_channels: int, pretrained: bool) -> tuple[nn.Module, int
             f"--model timm:{name}: pretrained weights are unavailable ({error}); "
             "connect to the network once or train without --pretrained"
         ) from None
+    if features_only:
+        return net, int(net.feature_info.channels()[-1])
     return net, int(net.num_features)
