@@ -16,6 +16,7 @@ from test_data import write_toy_patch_set
 from test_methods_fake import FakeContext, make_split
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
+from unshortcut.evaluate import evaluate_run
 from unshortcut.inference import pixel_counts, tumor_maps
 from unshortcut.methods import Batch, get_method
 from unshortcut.methods.gerne import GERNE
@@ -305,6 +306,9 @@ def test_mask_supervision_learns_the_pixel_map(easy_patches: Path, tmp_path: Pat
     assert seg["dice"] == pytest.approx(
         2 * total["overlap_pixels"] / (total["tumor_pixels"] + total["predicted_pixels"])
     )
+    # evaluate reproduces the segmentation metrics from the loaded model.
+    _, again = evaluate_run(run, bootstrap=0)
+    assert again["test"]["segmentation"] == seg
     # The selected model, loaded back, predicts pixel maps (whole-image prediction).
     model = load_model(open_run(run))
     maps = tumor_maps(model, torch.zeros(2, 3, 64, 64))
