@@ -231,18 +231,20 @@ def test_fitting_ignores_validation_and_test_pixels(reference: torch.Tensor) -> 
         fit_on_patch_set(pixels, table, {**manifest, "channels": 4}, "macenko", "P")
 
 
+@pytest.mark.filterwarnings("error")  # e.g. torch's warning on a read-only memory map
 def test_normalize_store_writes_the_normalised_patches(
     reference: torch.Tensor, batch: torch.Tensor, tmp_path: Path
 ) -> None:
     normalizer = fit_stain_normalizer("reinhard", reference)
-    store = batch.to(torch.uint8).numpy()
-    target = tmp_path / "pixels.npy"
+    np.save(tmp_path / "source.npy", batch.to(torch.uint8).numpy())
+    store = np.load(tmp_path / "source.npy", mmap_mode="r")  # as a patch set opens it
+    target = tmp_path / "out" / "pixels.npy"
     normalize_store(normalizer, store, target, chunk=3)
     written = np.load(target)
     assert written.dtype == np.uint8 and written.shape == store.shape
-    expected = normalizer(torch.from_numpy(store)).round().clamp(0, 255).to(torch.uint8)
+    expected = normalizer(torch.from_numpy(np.array(store))).round().clamp(0, 255).to(torch.uint8)
     assert np.array_equal(written, expected.numpy())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pixels.npy"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["pixels.npy"]
 
 
 def test_macenko_target_is_the_pooled_reference(reference: torch.Tensor) -> None:

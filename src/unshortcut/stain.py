@@ -10,8 +10,8 @@ HED jitter (:class:`HedJitter`, augmentation)
     (``skimage.color.hed_from_rgb`` / ``rgb_from_hed``) turns a pixel's optical density
     ``OD = -ln(I / 255)`` into hematoxylin, eosin and DAB amounts; each patch gets its
     own random scale ``a ~ U(1 - scale, 1 + scale)`` and shift ``b ~ U(-shift, shift)``
-    per stain (Tellez et al., 2018; shifts in optical-density units, so the classic
-    ``0.05`` "HED-light" setting means what it meant there), and the result is turned
+    per stain (Tellez et al., MedIA 2019; shifts in optical-density units: their
+    "HED-light" and "HED-strong" are 0.05 and 0.2), and the result is turned
     back into RGB and clipped to 0..255. The three steps are linear in log space, so
     they collapse into one 3x3 matrix and one offset per patch,
     ``ln I' = ln I @ (M diag(a) R) - b @ R``, applied to the whole batch as one batched
@@ -372,7 +372,7 @@ def fit_on_patch_set(
     """Check the patch set is brightfield RGB and fit on its training reference patches."""
     check_brightfield(manifest, source)
     rows = reference_rows(table, count=count, seed=seed)
-    return fit_stain_normalizer(method, torch.from_numpy(np.asarray(pixels[rows])))
+    return fit_stain_normalizer(method, torch.from_numpy(np.array(pixels[rows])))
 
 
 def normalize_store(
@@ -387,7 +387,7 @@ def normalize_store(
     with atomic_file(Path(target)) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=pixels.shape)
         for start in range(0, len(pixels), chunk):
-            block = torch.from_numpy(np.asarray(pixels[start : start + chunk]))
+            block = torch.from_numpy(np.array(pixels[start : start + chunk]))  # a writable copy
             normalized = normalizer(block).round_().clamp_(0, RGB_MAX)
             out[start : start + chunk] = normalized.to(torch.uint8).numpy()
         out.flush()
