@@ -282,3 +282,31 @@ def test_reproducible_macenko_overrides_torchstain_and_agrees_with_it(
     theirs.fit(reference.permute(1, 0, 2, 3).reshape(3, -1, reference.shape[-1]))  # pooled
     np.testing.assert_allclose(ours.stain_matrix, theirs.HERef.numpy(), atol=1e-6)
     np.testing.assert_allclose(ours.max_concentrations, theirs.maxCRef.numpy(), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_real_patch_sets_h_and_e_fits_and_multimodal_is_refused(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """OCDC patchified as a user would: fitted and normalised; synthetic multimodal: refused."""
+    from unshortcut.synth.config import SynthConfig
+    from unshortcut.synth.generate import generate_dataset
+    from unshortcut.tiling.patchify import PatchifyConfig, patchify
+    from unshortcut.tiling.patchset import PatchSet
+
+    config = PatchifyConfig(patch_size=128, input_size=32)
+    patchify(shared_data / "ocdc", tmp_path / "ocdc", config)
+    ocdc = PatchSet.open(tmp_path / "ocdc")
+    normalizer = fit_on_patch_set(ocdc.pixels, ocdc.table, ocdc.manifest, "macenko", "ocdc")
+    normalize_store(normalizer, ocdc.pixels, tmp_path / "normalised.npy")
+    assert np.load(tmp_path / "normalised.npy", mmap_mode="r").shape == ocdc.pixels.shape
+
+    synth = SynthConfig(images=2, size=512, tumor_size=70.0, tumor_prevalence=1.0)
+    generate_dataset(synth, tmp_path / "synth-data", show_progress=False)
+    patchify(tmp_path / "synth-data", tmp_path / "synth", config)
+    multimodal = PatchSet.open(tmp_path / "synth")
+    assert (multimodal.channels, multimodal.pixels.dtype) == (3, np.uint8)  # looks like RGB
+    with pytest.raises(UnshortcutError, match="dark background"):
+        fit_on_patch_set(
+            multimodal.pixels, multimodal.table, multimodal.manifest, "macenko", "synth"
+        )
