@@ -15,8 +15,11 @@ from torch import nn
 
 from unshortcut.errors import UnshortcutError
 
-BackboneBuilder = Callable[[int, int, bool], tuple[nn.Module, int]]
-"""(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D)."""
+BackboneBuilder = Callable[[int, int, bool | str], tuple[nn.Module, int]]
+"""(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D).
+
+``pretrained``: False, True (default weights) or a checkpoint path / hub name
+(:mod:`unshortcut.models.pretrained`)."""
 
 
 @dataclass
@@ -71,7 +74,7 @@ def model_names() -> list[str]:
 
 
 def build_model(
-    name: str, in_channels: int, n_classes: int, input_size: int, *, pretrained: bool = False
+    name: str, in_channels: int, n_classes: int, input_size: int, *, pretrained: bool | str = False
 ) -> Classifier:
     """A freshly initialised classifier (initialisation uses torch's global RNG)."""
     if in_channels < 1 or n_classes < 2 or input_size < 1:

@@ -13,7 +13,7 @@ from torch import nn
 WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
 
 
-def build(in_channels: int, input_size: int, pretrained: bool) -> tuple[nn.Module, int]:
+def build(in_channels: int, input_size: int, pretrained: bool | str) -> tuple[nn.Module, int]:
     layers: list[nn.Module] = []
     channels, size = in_channels, input_size
     for width in WIDTHS:
