@@ -23,6 +23,11 @@ Detection (:func:`detect_tissue_from_thumbnail`)
        crops: 0.27-0.53), and otherwise calls the whole image tissue (polarity
        ``none``). A textured or unevenly lit background can fail this test; set
        ``polarity``, give a precomputed ``tissue/`` mask, or skip tissue filtering.
+       A fixed threshold (method ``threshold``) is the user's word on where background
+       ends, so it is never overruled: with ``auto`` polarity the same border rule picks
+       the background side, and when that side is not flat (an image filled with
+       tissue, where the majority side is tissue) detection refuses to guess and asks
+       for the polarity instead of silently calling everything tissue.
     4. Clean-up: a closing (radius in thumbnail pixels) joins fragmented tissue, then
        objects and holes smaller than ``min_object_px`` x ``min_object_px`` full-resolution
        pixels are removed and filled.
@@ -38,7 +43,7 @@ Fractions (:meth:`TissueMask.fractions`)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -147,6 +152,12 @@ def detect_tissue_from_thumbnail(
     if polarity == "auto":
         polarity = _background_side(bright)
         if not _flat_background(grey, bright, polarity):
+            if method == "threshold":
+                raise UnshortcutError(
+                    "--background auto: found no flat glass or empty background, so it "
+                    "cannot tell which side of --tissue-threshold is background; pass "
+                    "--background bright (brightfield, H&E) or dark (fluorescence)"
+                )
             return TissueMask(np.ones(grey.shape, bool), float(downsample), None, cut, "none")
     elif polarity not in ("bright-background", "dark-background"):
         raise UnshortcutError(
@@ -271,15 +282,22 @@ def _block_mean(bands: Iterable[tuple[int, np.ndarray]], factor: int) -> np.ndar
 
 
 def tissue_from_mask_file(
-    path: Path | str, shape: tuple[int, int], downsample: float
+    path: Path | str,
+    shape: tuple[int, int],
+    downsample: float,
+    values: Collection[int] | None = None,
+    allowed: Collection[int] = (),
 ) -> TissueMask:
     """A precomputed tissue mask (binarised like tumor masks) for an image of ``shape``.
 
     The file may be at full resolution or any lower one with the image's aspect ratio;
     it is averaged down by an integer factor towards ``downsample`` (full-resolution
     pixels per mask pixel), keeping the exact coverage of each averaged pixel.
+    ``values``/``allowed`` read a label map (tissue = one of ``values``; see
+    :class:`~unshortcut.io.masks.MaskReader`), so a tumor label map can serve as the
+    tissue mask too.
     """
-    with open_mask(path) as mask:
+    with open_mask(path, values, allowed) as mask:
         mask_h, mask_w = mask.shape
         scale = shape[0] / mask_h
         if abs(shape[1] - mask_w * scale) > max(scale, 1.0):
