@@ -749,11 +749,6 @@ class TiffReader(_ReaderBase):
 
         return decode
 
-    def peak_value(self, level: int) -> float | None:
-        """Largest pixel value of a tiled ``level`` (None for other levels), exactly."""
-        peaks = self.reduce_tiles(level, lambda tile: np.asarray(tile.max(initial=0)))
-        return None if peaks is None else max((float(p) for p in peaks), default=0.0)
-
     def reduce_tiles(self, level: int, reduce: TileReduce) -> list[np.ndarray] | None:
         """``reduce`` of every distinct tile of a tiled ``level`` (None for other levels).
 
