@@ -343,9 +343,7 @@ def _tile_one(
             on_band=on_band,
         )
     if tissue is None:
-        tissue = _detect_tissue(
-            tiled.thumbnail, tiled.thumbnail_downsample, config, source.image_path
-        )
+        tissue = _detect_tissue(tiled.thumbnail, tiled.thumbnail_downsample, config)
         tissue_source = (
             f"detected ({config.tissue_method}) on a 1/{tiled.thumbnail_downsample} thumbnail"
         )
@@ -413,28 +411,25 @@ def _precomputed_tissue(
     smallest = min(max(reader.level_shape(level)) for level in range(reader.level_count))
     if reader.level_count > 1 and smallest <= PYRAMID_THUMBNAIL_SIDE:
         thumbnail, downsample = thumbnail_of(reader, PYRAMID_THUMBNAIL_SIDE)
-        tissue = _detect_tissue(thumbnail, downsample, config, source.image_path)
+        tissue = _detect_tissue(thumbnail, downsample, config)
         return tissue, f"pyramid level 1/{downsample:.0f}"
     return None, ""
 
 
 def _detect_tissue(
-    thumbnail: np.ndarray | None, downsample: float, config: PatchifyConfig, image: Path
+    thumbnail: np.ndarray | None, downsample: float, config: PatchifyConfig
 ) -> TissueMask:
     from unshortcut.tiling.tissue import detect_tissue_from_thumbnail
 
     assert thumbnail is not None
-    try:
-        return detect_tissue_from_thumbnail(
-            thumbnail,
-            downsample,
-            method=config.tissue_method,  # type: ignore[arg-type]
-            threshold=config.tissue_threshold,
-            polarity=BACKGROUNDS[config.background],  # type: ignore[arg-type]
-            min_object_px=config.min_object_size,
-        )
-    except UnshortcutError as error:
-        raise UnshortcutError(f"{image}: {error}") from None
+    return detect_tissue_from_thumbnail(
+        thumbnail,
+        downsample,
+        method=config.tissue_method,  # type: ignore[arg-type]
+        threshold=config.tissue_threshold,
+        polarity=BACKGROUNDS[config.background],  # type: ignore[arg-type]
+        min_object_px=config.min_object_size,
+    )
 
 
 def _input_warnings(sources: list[_Source], per_image: dict[str, dict[str, Any]]) -> list[str]:
@@ -531,9 +526,8 @@ def _manifest(
     pixel_info: dict[str, Any],
     metadata: pd.DataFrame | None,
 ) -> dict[str, Any]:
-    parameters = asdict(config)
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     parameters["stride"] = config.resolved_stride
-    parameters["split_fractions"] = list(config.split_fractions)
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {

@@ -24,10 +24,12 @@ Detection (:func:`detect_tissue_from_thumbnail`)
        ``none``). A textured or unevenly lit background can fail this test; set
        ``polarity``, give a precomputed ``tissue/`` mask, or skip tissue filtering.
        A fixed threshold (method ``threshold``) is the user's word on where background
-       ends, so it is never overruled: with ``auto`` polarity the same border rule picks
-       the background side, and when that side is not flat (an image filled with
-       tissue, where the majority side is tissue) detection refuses to guess and asks
-       for the polarity instead of silently calling everything tissue.
+       ends, so neither test overrules it: on an image filled with tissue the border
+       and majority sides are tissue, and the flatness test would call everything
+       tissue, which is exactly what a user who sets a threshold there does not want.
+       With ``auto`` polarity the threshold itself says which side is background: a
+       cut at 0.5 or above is set just under bright glass (brightfield), a cut below
+       0.5 just over a dark field (fluorescence, multimodal).
     4. Clean-up: a closing (radius in thumbnail pixels) joins fragmented tissue, then
        objects and holes smaller than ``min_object_px`` x ``min_object_px`` full-resolution
        pixels are removed and filled.
@@ -149,15 +151,11 @@ def detect_tissue_from_thumbnail(
     else:
         raise UnshortcutError(f"tissue method: unknown {method!r} (use otsu or threshold)")
     bright = grey > cut
-    if polarity == "auto":
+    if polarity == "auto" and method == "threshold":
+        polarity = "bright-background" if cut >= 0.5 else "dark-background"
+    elif polarity == "auto":
         polarity = _background_side(bright)
         if not _flat_background(grey, bright, polarity):
-            if method == "threshold":
-                raise UnshortcutError(
-                    "--background auto: found no flat glass or empty background, so it "
-                    "cannot tell which side of --tissue-threshold is background; pass "
-                    "--background bright (brightfield, H&E) or dark (fluorescence)"
-                )
             return TissueMask(np.ones(grey.shape, bool), float(downsample), None, cut, "none")
     elif polarity not in ("bright-background", "dark-background"):
         raise UnshortcutError(
