@@ -16,17 +16,16 @@ resolution), so it never knows which of these it got:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import shapely
-
 from unshortcut.io.annotation_classes import AnnotationClasses
-from unshortcut.io.annotations import Annotations, read_annotations
 from unshortcut.io.masks import MaskReader, ScaledMask, open_mask
-from unshortcut.io.rasterise import PolygonMask
 
 if TYPE_CHECKING:
+    from unshortcut.io.annotations import Annotations
     from unshortcut.io.discover import ImageEntry
+    from unshortcut.io.rasterise import PolygonMask
 
 #: Share of the tumor region that may lie outside the image before a warning.
 OUTSIDE_SHARE = 0.01
@@ -57,12 +56,9 @@ def open_tumor_mask(
     other values they may hold); annotation files use ``classes``.
     """
     if entry.annotation is not None:
-        annotations = read_annotations(entry.annotation, classes)
-        mask = PolygonMask(annotations.tumor, image_shape, entry.annotation)
-        source = f"annotation {annotations.summary()}"
-        return TumorMask(mask, source, _annotation_warnings(annotations, image_shape, classes))
+        return _drawn(entry.annotation, image_shape, classes)
     if entry.mask is None:
-        return TumorMask(PolygonMask(shapely.Polygon(), image_shape), "none: tumor-free")
+        return _tumor_free(image_shape)
     raster = open_mask(entry.mask, tumor_values, tissue_values or ())
     encoding = (
         f"label map, tumor values {', '.join(map(str, tumor_values))}"
@@ -75,10 +71,33 @@ def open_tumor_mask(
     return TumorMask(scaled, f"mask {entry.mask.name} ({encoding}, 1/{entry.mask_scale} scale)")
 
 
+# Polygons need shapely, imported here only: raster-only data sets never load it.
+
+
+def _drawn(path: Path, image_shape: tuple[int, int], classes: AnnotationClasses) -> TumorMask:
+    from unshortcut.io.annotations import read_annotations
+    from unshortcut.io.rasterise import PolygonMask
+
+    annotations = read_annotations(path, classes)
+    mask = PolygonMask(annotations.tumor, image_shape, path)
+    source = f"annotation {annotations.summary()}"
+    return TumorMask(mask, source, _annotation_warnings(annotations, image_shape, classes))
+
+
+def _tumor_free(image_shape: tuple[int, int]) -> TumorMask:
+    import shapely
+
+    from unshortcut.io.rasterise import PolygonMask
+
+    return TumorMask(PolygonMask(shapely.Polygon(), image_shape), "none: tumor-free")
+
+
 def _annotation_warnings(
     annotations: Annotations, image_shape: tuple[int, int], classes: AnnotationClasses
 ) -> list[str]:
     """Signs that an annotation file does not say what the user meant."""
+    import shapely
+
     name = f"annotations/{annotations.path.name}"
     warnings = []
     if annotations.classes and not annotations.roles["tumor"]:
