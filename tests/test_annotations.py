@@ -125,6 +125,11 @@ def test_pixel_centre_rule_hand_computed() -> None:
     half = rasterise(edges, 0, 0, 6, 12, downsample=2.0)
     assert np.argwhere(half).min(axis=0).tolist() == [3, 5]
     assert half.sum() == 5 * 2
+    # Centres exactly on edges: inside on the left and top, outside on the right and bottom.
+    on_centres = rasterise(ring_edges(shapely.box(10.5, 5.5, 20.5, 9.5)), 0, 0, 12, 24)
+    assert np.argwhere(on_centres).min(axis=0).tolist() == [5, 10]
+    assert np.argwhere(on_centres).max(axis=0).tolist() == [8, 19]
+    assert on_centres.sum() == 10 * 4
     # A window offset into the image sees the same pixels.
     np.testing.assert_array_equal(rasterise(edges, 4, 9, 6, 13), full[4:10, 9:22])
 

@@ -381,3 +381,40 @@ def test_bcss_region_with_threshold(shared_data: Path, tmp_path: Path) -> None:
     corners = zip(table["x"], table["y"], strict=True)
     under = [(grey[y : y + 256, x : x + 256] <= 0.8).mean() for x, y in corners]
     assert np.corrcoef(ratio, under)[0, 1] > 0.7  # measured 0.75
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--background", "sideways"], "--background: unknown polarity 'sideways'"),
+        (["--missing-mask", "maybe"], "--missing-mask: unknown rule 'maybe'"),
+        (["--tumor-values", "two"], "--tumor-values: give whole numbers like 2 or 1,2"),
+        (["--tumor-values", "0,2"], "--tumor-values: give positive label values"),
+        (["--tissue-values", "1"], "--tissue-values: reads the masks as label maps"),
+        (["--tumor-classes", " , "], "--tumor-classes: give at least one class name"),
+        (["--exclude-classes", "tumor"], "--tumor-classes/--exclude-classes: tumor given as both"),
+    ],
+)
+def test_bad_input_options(tmp_path: Path, options: list[str], message: str) -> None:
+    root = tmp_path / "data"
+    image(root, "a")
+    save(root / "masks" / "a.png", tumor_truth().astype(np.uint8))
+    out = tmp_path / "out"
+    result = invoke(str(root), str(out), "--patch-size", "8", "--input-size", "4", *options)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_tissue_values_and_tissue_file_conflict(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    image(root, "a")
+    save(root / "masks" / "a.png", np.where(tumor_truth(), 2, 1).astype(np.uint8))
+    save(root / "tissue" / "a.png", np.ones((60, 64), np.uint8))
+    result = invoke(str(root), str(tmp_path / "out"), "--patch-size", "8", "--input-size", "4",
+                    "--tumor-values", "2", "--tissue-values", "1,2")  # fmt: skip
+    assert result.exit_code == 2
+    assert (
+        "error: tissue/a.png: --tissue-values already takes the tissue of image 'a' from "
+        "masks/a.png; use one of them"
+    ) in " ".join(result.output.split())

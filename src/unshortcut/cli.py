@@ -132,7 +132,8 @@ def patchify_command(
         "auto",
         "--background",
         help="Which side of the tissue threshold is background: bright (brightfield, H&E), "
-        "dark (fluorescence, multimodal), or auto (from the image border).",
+        "dark (fluorescence, multimodal), or auto (Otsu: from the image border; a fixed "
+        "--tissue-threshold: bright when it is >= 0.5).",
     ),
     tumor_values: str | None = typer.Option(
         None,
