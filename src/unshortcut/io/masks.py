@@ -12,9 +12,11 @@ Three encodings are known (contract 3.1 plus label maps):
   read as a label map, or a class the user forgot, is refused instead of silently
   counting as background.
 
-A mask whose largest value is 2..127 and for which no values were declared is refused:
-read as a binary mask, a label map such as 0 glass / 1 tissue / 2 tumor gives no tumor
-at all. Errors name the file and the values found.
+A mask whose largest value is above 1 but at most 127 and for which no values were
+declared is refused: read as a binary mask, a label map such as 0 glass / 1 tissue /
+2 tumor gives no tumor at all. Errors name the file and the values found. (A label map
+without its tumor class, 0 glass / 1 tissue only, looks exactly like a 0/1 mask and is
+read as one: with label maps, always pass the values.)
 
 Colour masks are reduced to one channel by the maximum over channels (a red or white
 annotation counts), alpha is dropped by the image readers, and palette PNGs keep their

@@ -47,6 +47,7 @@ from unshortcut.tiling.splits import SPLIT_UNITS, draw_splits, split_warnings, u
 
 if TYPE_CHECKING:
     from unshortcut.io.discover import ImageEntry
+    from unshortcut.io.tumor import TumorMask
     from unshortcut.tiling.tissue import TissueMask
 
 DEFAULT_MIN_TISSUE = 0.05
@@ -242,7 +243,7 @@ def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
         return _Source(entry, shape, grid, downsample, tumor.source, tumor.warnings)
 
 
-def _open_tumor(entry: ImageEntry, shape: tuple[int, int], config: PatchifyConfig) -> Any:
+def _open_tumor(entry: ImageEntry, shape: tuple[int, int], config: PatchifyConfig) -> TumorMask:
     from unshortcut.io.tumor import open_tumor_mask
 
     return open_tumor_mask(
