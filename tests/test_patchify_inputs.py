@@ -87,6 +87,8 @@ def test_annotations_give_the_raster_masks_patches(
         save(raster / "masks" / f"{image_id}.png", tumor_truth().astype(np.uint8) * 255)
     geojson(polygons, "g")
     asap(polygons, "x")
+    annotations = polygons / "annotations"
+    (annotations / "g.geojson").rename(annotations / "g.tif.geojson")  # QuPath's naming
     config = PatchifyConfig(patch_size=patch_size, input_size=input_size, min_tissue=0)
     expected = patchify(raster, tmp_path / "r", config)
     result = patchify(polygons, tmp_path / "p", config)
@@ -99,7 +101,7 @@ def test_annotations_give_the_raster_masks_patches(
     window = tumor_truth()[patch_size : 2 * patch_size, patch_size : 2 * patch_size]
     assert fractions[f"g@{patch_size},{patch_size}"] == window.mean() > 0
     sources = result.manifest["images"]
-    assert sources["g"]["tumor_source"] == "annotation g.geojson: 1 tumor; classes Tumor (1)"
+    assert sources["g"]["tumor_source"] == "annotation g.tif.geojson: 1 tumor; classes Tumor (1)"
     assert (
         sources["x"]["tumor_source"]
         == "annotation x.xml: 1 exclude, 1 tumor; classes _0 (1), _2 (1)"

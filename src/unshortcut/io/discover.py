@@ -15,6 +15,7 @@ the default refuses it, so a forgotten mask is never silently read as "no tumor"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def discover_dataset(data_dir: Path | str, missing_mask: str = "error") -> list[
     images = _files_by_id(data_dir / "images", required=True)
     if not images:
         raise UnshortcutError(f"{data_dir / 'images'}: folder holds no images")
-    annotations = _files_by_id(data_dir / "annotations", False, ANNOTATION_EXTENSIONS)
+    annotations = _files_by_id(
+        data_dir / "annotations", False, ANNOTATION_EXTENSIONS, _annotation_stem
+    )
     masks_required = missing_mask == "error" and not (data_dir / "annotations").is_dir()
     masks = _files_by_id(data_dir / "masks", required=masks_required)
     tissue = _files_by_id(data_dir / "tissue", required=False)
@@ -90,7 +93,10 @@ def discover_dataset(data_dir: Path | str, missing_mask: str = "error") -> list[
 
 
 def _files_by_id(
-    folder: Path, required: bool, extensions: frozenset[str] = SUPPORTED_EXTENSIONS
+    folder: Path,
+    required: bool,
+    extensions: frozenset[str] = SUPPORTED_EXTENSIONS,
+    stem: Callable[[Path], str] = image_stem,
 ) -> dict[str, Path]:
     """image id -> file in ``folder``; errors for other files and for two files with one id."""
     if not folder.is_dir():
@@ -109,7 +115,7 @@ def _files_by_id(
         )
     found: dict[str, Path] = {}
     for path in files:
-        image_id = image_stem(path)
+        image_id = stem(path)
         if image_id in found:
             raise UnshortcutError(
                 f"{folder}: two files for image id {image_id!r}: "
@@ -117,6 +123,13 @@ def _files_by_id(
             )
         found[image_id] = path
     return found
+
+
+def _annotation_stem(path: Path) -> str:
+    """Image id of an annotation file: ``a.geojson`` and ``a.svs.geojson`` (QuPath names
+    exports after the image, extension included) both belong to image ``a``."""
+    stem = path.name[: -len(path.suffix)]
+    return image_stem(Path(stem)) if image_extension(Path(stem)) in SUPPORTED_EXTENSIONS else stem
 
 
 def _checked_scale(image: Path, mask: Path) -> int:
