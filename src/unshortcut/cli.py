@@ -17,6 +17,7 @@ from rich.console import Console
 
 from unshortcut import __version__
 from unshortcut.errors import UnshortcutError
+from unshortcut.io.annotation_classes import DEFAULT_EXCLUDE_CLASSES, DEFAULT_TUMOR_CLASSES
 
 app = typer.Typer(
     name="unshortcut",
@@ -64,7 +65,9 @@ def main(
 @command("patchify")
 def patchify_command(
     data: Path = typer.Argument(
-        ..., help="Dataset folder: images/, masks/, optional tissue/ and metadata.csv."
+        ...,
+        help="Dataset folder: images/, masks/ and/or annotations/ (QuPath GeoJSON, ASAP "
+        "XML), optional tissue/ and metadata.csv.",
     ),
     out: Path = typer.Argument(..., help="Patch-set folder to create (must not exist)."),
     patch_size: int = typer.Option(
@@ -125,6 +128,42 @@ def patchify_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split draw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    background: str = typer.Option(
+        "auto",
+        "--background",
+        help="Which side of the tissue threshold is background: bright (brightfield, H&E), "
+        "dark (fluorescence, multimodal), or auto (Otsu: from the image border; a fixed "
+        "--tissue-threshold: bright when it is >= 0.5).",
+    ),
+    tumor_values: str | None = typer.Option(
+        None,
+        "--tumor-values",
+        help="Read masks as label maps: these values (e.g. 2, or 3,4) are tumor. Every "
+        "other non-zero value in a mask must be listed in --tissue-values.",
+    ),
+    tissue_values: str | None = typer.Option(
+        None,
+        "--tissue-values",
+        help="Label-map values that are tissue (e.g. 1,2 for 0 glass, 1 tissue, 2 tumor): "
+        "the label map then also serves as the tissue mask.",
+    ),
+    tumor_classes: str = typer.Option(
+        ",".join(DEFAULT_TUMOR_CLASSES),
+        "--tumor-classes",
+        help="Annotation classes (QuPath) or groups (ASAP) that are tumor, comma-separated, "
+        "case-insensitive; 'unclassified' for polygons without one.",
+    ),
+    exclude_classes: str = typer.Option(
+        ",".join(DEFAULT_EXCLUDE_CLASSES),
+        "--exclude-classes",
+        help="Annotation classes or groups carved out of the tumor (CAMELYON16 _2).",
+    ),
+    missing_mask: str = typer.Option(
+        "error",
+        "--missing-mask",
+        help="An image with no mask and no annotation: error, or negative (tumor-free; "
+        "for negative slides that were never annotated).",
+    ),
 ) -> None:
     """Cut images and tumor masks into a labelled patch set (patches.parquet + pixel store).
 
@@ -151,6 +190,12 @@ def patchify_command(
         region_size=region_size,
         split_fractions=parse_fractions(split_fractions),
         seed=seed,
+        background=background,
+        tumor_values=_label_values(tumor_values, "--tumor-values"),
+        tissue_values=_label_values(tissue_values, "--tissue-values"),
+        tumor_classes=_names(tumor_classes),
+        exclude_classes=_names(exclude_classes),
+        missing_mask=missing_mask,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=error_console, transient=True) as progress:
@@ -172,6 +217,22 @@ def patchify_command(
     for row in summary_rows(result.table):
         table.add_row(*row)
     console.print(table)
+
+
+def _label_values(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'1,2' -> (1, 2) for --tumor-values/--tissue-values; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise UnshortcutError(f"{option}: give whole numbers like 2 or 1,2, got {text!r}") from None
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'Tumor, _0' -> ('Tumor', '_0'): annotation class names, blanks dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 @command("train")

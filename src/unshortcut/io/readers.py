@@ -749,12 +749,13 @@ class TiffReader(_ReaderBase):
 
         return decode
 
-    def peak_value(self, level: int) -> float | None:
-        """Largest pixel value of a tiled ``level`` (None for other levels), exactly.
+    def reduce_tiles(self, level: int, reduce: TileReduce) -> list[np.ndarray] | None:
+        """``reduce`` of every distinct tile of a tiled ``level`` (None for other levels).
 
         Tiles with identical compressed bytes are decoded once: a mask is mostly empty
-        tiles that compress alike, so finding its largest value costs a few decodes, not
-        a pass over the file. Edge tiles are cropped to the image before taking the max.
+        tiles that compress alike, so scanning its values (largest value, distinct
+        values) costs a few decodes, not a pass over the file. Edge tiles are cropped to
+        the image before ``reduce`` sees them.
         """
         self._check_region(0, 0, 0, 0, level)
         entry = self._levels[level]
@@ -768,14 +769,14 @@ class TiffReader(_ReaderBase):
                 ty, tx = divmod(index % (rows * cols), cols)
                 valid = (min(tile_h, height - ty * tile_h), min(tile_w, width - tx * tile_w))
                 by_valid_shape.setdefault(valid, []).append((page_i, index))
-        peaks = [0.0]
+        results: list[np.ndarray] = []
         for (h, w), keys in by_valid_shape.items():
 
-            def peak(tile: np.ndarray, h: int = h, w: int = w) -> np.ndarray:
-                return np.asarray(tile[:h, :w].max(initial=0))
+            def cropped(tile: np.ndarray, h: int = h, w: int = w) -> np.ndarray:
+                return reduce(tile[:h, :w])
 
-            peaks += [float(p) for p in self._tiles(level, entry, keys, False, reduce=peak)]
-        return max(peaks)
+            results += self._tiles(level, entry, keys, False, reduce=cropped)
+        return results
 
     def close(self) -> None:
         self._cache.clear()

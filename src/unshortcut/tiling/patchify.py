@@ -1,7 +1,8 @@
 """Images + tumor masks -> a labelled patch set (the library side of ``unshortcut patchify``).
 
 Order of work, chosen so that a user's mistake costs nothing and a crash leaves nothing:
-every image and mask is opened and checked first (sizes, masks present, patch fits);
+every image and mask is opened and checked first (sizes, masks present, mask encodings,
+annotation files parsed, patch fits);
 then each image is tiled in one decode pass (see :mod:`unshortcut.tiling.bands`),
 tissue is measured for every grid position, glass-only patches are dropped and the
 kept ones are appended to the final pixel store; splits are drawn last, when the
@@ -22,6 +23,12 @@ import pandas as pd
 
 from unshortcut.atomic import atomic_directory
 from unshortcut.errors import UnshortcutError
+from unshortcut.io.annotation_classes import (
+    DEFAULT_EXCLUDE_CLASSES,
+    DEFAULT_TUMOR_CLASSES,
+    AnnotationClasses,
+)
+from unshortcut.io.discover import MISSING_MASK_RULES
 from unshortcut.tiling.bands import tile_image
 from unshortcut.tiling.grid import Grid, labels_from_fractions, make_grid, thumbnail_factor
 from unshortcut.tiling.patchset import (
@@ -39,6 +46,8 @@ from unshortcut.tiling.patchset import (
 from unshortcut.tiling.splits import SPLIT_UNITS, draw_splits, split_warnings, unit_keys
 
 if TYPE_CHECKING:
+    from unshortcut.io.discover import ImageEntry
+    from unshortcut.io.tumor import TumorMask
     from unshortcut.tiling.tissue import TissueMask
 
 DEFAULT_MIN_TISSUE = 0.05
@@ -48,6 +57,10 @@ _PATCH_COLUMNS = ("patch_id", "x", "y", "size", "level", "tumor_fraction", "tiss
 PYRAMID_THUMBNAIL_SIDE = 4096
 # Patches are compacted from the temporary store this many at a time.
 _COMPACT_CHUNK = 1024
+#: --background choices and the tissue polarity each one means.
+BACKGROUNDS = {"auto": "auto", "bright": "bright-background", "dark": "dark-background"}
+#: Image ids a warning lists before it only counts the rest.
+_SHOWN_IDS = 8
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,12 @@ class PatchifyConfig:
     region_size: int | None = None
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
+    background: str = "auto"
+    tumor_values: tuple[int, ...] | None = None
+    tissue_values: tuple[int, ...] | None = None
+    tumor_classes: tuple[str, ...] = DEFAULT_TUMOR_CLASSES
+    exclude_classes: tuple[str, ...] = DEFAULT_EXCLUDE_CLASSES
+    missing_mask: str = "error"
 
     @property
     def resolved_stride(self) -> int:
@@ -102,6 +121,30 @@ class PatchifyConfig:
             )
         if self.region_size is not None and self.region_size < 1:
             raise UnshortcutError("--region-size: must be a positive number of pixels")
+        if self.background not in BACKGROUNDS:
+            raise UnshortcutError(
+                f"--background: unknown polarity {self.background!r} (use auto, bright or dark)"
+            )
+        if self.missing_mask not in MISSING_MASK_RULES:
+            raise UnshortcutError(
+                f"--missing-mask: unknown rule {self.missing_mask!r} (use error or negative)"
+            )
+        for option, values in (("--tumor-values", self.tumor_values),
+                               ("--tissue-values", self.tissue_values)):  # fmt: skip
+            if values is not None and (not values or min(values) < 1):
+                raise UnshortcutError(
+                    f"{option}: give positive label values (0 is always background)"
+                )
+        if self.tissue_values is not None and self.tumor_values is None:
+            raise UnshortcutError(
+                "--tissue-values: reads the masks as label maps, so say which of their "
+                "values are tumor with --tumor-values too"
+            )
+        self.annotation_classes.validate()
+
+    @property
+    def annotation_classes(self) -> AnnotationClasses:
+        return AnnotationClasses(self.tumor_classes, self.exclude_classes)
 
 
 @dataclass
@@ -116,14 +159,22 @@ class PatchifyResult:
 
 @dataclass
 class _Source:
-    """One checked image: readers open, grid known, tissue mask when precomputed."""
+    """One checked image: its files, level-0 shape, grid, and what its tumor mask is."""
 
-    image_id: str
-    image_path: Path
-    mask_path: Path
-    tissue_path: Path | None
+    entry: ImageEntry
+    shape: tuple[int, int]
     grid: Grid
     downsample: int
+    tumor_source: str
+    warnings: list[str]
+
+    @property
+    def image_id(self) -> str:
+        return self.entry.image_id
+
+    @property
+    def image_path(self) -> Path:
+        return self.entry.image
 
 
 BandHook = Callable[[str, int, int, int], Callable[[], None]]
@@ -145,7 +196,7 @@ def patchify(
     config = config or PatchifyConfig()
     config.validate()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    entries = discover_dataset(data_dir)
+    entries = discover_dataset(data_dir, config.missing_mask)
     metadata_path = data_dir / "metadata.csv"
     metadata = (
         read_metadata(metadata_path, [e.image_id for e in entries])
@@ -156,7 +207,8 @@ def patchify(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         parts, per_image, pixel_info = _tile_all(sources, config, tmp, on_image)
         table = _assemble_table(parts, metadata, config)
-        warnings = split_warnings(
+        warnings = _input_warnings(sources, per_image)
+        warnings += split_warnings(
             table,
             None if "split" in _columns(metadata) else config.split_fractions,
             check_patients=config.split_unit != "region",
@@ -167,8 +219,9 @@ def patchify(
     return PatchifyResult(out_dir, table, manifest, warnings)
 
 
-def _check_entry(entry: Any, config: PatchifyConfig) -> _Source:
-    """Fail early on levels and patch sizes (discovery already matched masks to images)."""
+def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
+    """Fail early on levels, patch sizes, mask encodings and annotation files (discovery
+    already matched masks to images and checked their sizes)."""
     from unshortcut.io.readers import open_image
 
     with _opened(open_image(entry.image)) as reader:
@@ -180,7 +233,22 @@ def _check_entry(entry: Any, config: PatchifyConfig) -> _Source:
         height, width = reader.level_shape(config.level)
         downsample = round(reader.level_downsample(config.level))
         grid = make_grid(height, width, config.patch_size, config.resolved_stride, str(entry.image))
-    return _Source(entry.image_id, entry.image, entry.mask, entry.tissue, grid, downsample)
+        shape = reader.level_shape(0)
+    if config.tissue_values is not None and entry.tissue is not None and entry.mask is not None:
+        raise UnshortcutError(
+            f"tissue/{entry.tissue.name}: --tissue-values already takes the tissue of image "
+            f"{entry.image_id!r} from masks/{entry.mask.name}; use one of them"
+        )
+    with _opened(_open_tumor(entry, shape, config)) as tumor:
+        return _Source(entry, shape, grid, downsample, tumor.source, tumor.warnings)
+
+
+def _open_tumor(entry: ImageEntry, shape: tuple[int, int], config: PatchifyConfig) -> TumorMask:
+    from unshortcut.io.tumor import open_tumor_mask
+
+    return open_tumor_mask(
+        entry, shape, config.annotation_classes, config.tumor_values, config.tissue_values
+    )
 
 
 @contextmanager
@@ -197,7 +265,6 @@ def _tile_all(
     sources: list[_Source], config: PatchifyConfig, out: Path, on_image: BandHook | None
 ) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
     """Tile each image, keep patches with enough tissue, append them to the pixel stores."""
-    from unshortcut.io.masks import open_mask
     from unshortcut.io.readers import open_image
 
     work = out / ".work"
@@ -211,7 +278,7 @@ def _tile_all(
         for done, source in enumerate(sources):
             with (
                 _opened(open_image(source.image_path)) as reader,
-                _opened(open_mask(source.mask_path)) as mask,
+                _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
             ):
                 if pixels is None or masks is None:
                     channels, side = int(reader.channels), config.input_size
@@ -226,7 +293,9 @@ def _tile_all(
                     if on_image
                     else _nothing
                 )
-                frame, info = _tile_one(source, reader, mask, config, work, pixels, masks, hook)
+                frame, info = _tile_one(
+                    source, reader, tumor.mask, config, work, pixels, masks, hook
+                )
             parts.append(frame)
             per_image[source.image_id] = info
     shutil.rmtree(work)
@@ -301,6 +370,8 @@ def _tile_one(
             "synthetic": False,
         }
     )
+    kept_ratios = tissue_ratio[keep]
+    constant = kept_ratios.size > 1 and float(np.ptp(kept_ratios)) == 0.0
     info = {
         "height": grid.height * ds,
         "width": grid.width * ds,
@@ -308,9 +379,11 @@ def _tile_one(
         "kept": int(keep.sum()),
         "tumor": int(labels[keep].sum()),
         "dropped_glass": int((~keep).sum()),
+        "tumor_source": source.tumor_source,
         "tissue": tissue_source,
         "tissue_threshold": tissue.threshold,
         "tissue_polarity": tissue.polarity,
+        "tissue_ratio_constant": float(kept_ratios[0]) if constant else None,
     }
     return frame, info
 
@@ -320,21 +393,27 @@ def _precomputed_tissue(
 ) -> tuple[TissueMask | None, str]:
     """A tissue mask that needs no pass over full-resolution pixels, when one exists.
 
-    A tissue/ mask file wins; otherwise a pyramid level of at most
-    ``PYRAMID_THUMBNAIL_SIDE`` pixels a side serves as the thumbnail. Returns
-    (None, "") when the thumbnail must be accumulated during tiling.
+    A tissue/ mask file wins, then the label map when ``--tissue-values`` names its
+    tissue values; otherwise a pyramid level of at most ``PYRAMID_THUMBNAIL_SIDE``
+    pixels a side serves as the thumbnail. Returns (None, "") when the thumbnail must
+    be accumulated during tiling.
     """
     from unshortcut.tiling.tissue import thumbnail_of, tissue_from_mask_file
 
-    grid, ds = source.grid, source.downsample
+    grid, ds, entry = source.grid, source.downsample, source.entry
     resolution = ds * thumbnail_factor(grid.size, grid.stride, grid.height, grid.width)
-    if source.tissue_path is not None:
-        tissue = tissue_from_mask_file(source.tissue_path, reader.level_shape(0), resolution)
-        return tissue, f"mask file {source.tissue_path.name}"
+    if entry.tissue is not None:
+        tissue = tissue_from_mask_file(entry.tissue, source.shape, resolution)
+        return tissue, f"mask file {entry.tissue.name}"
+    if config.tissue_values is not None and entry.mask is not None:
+        values, tumor = config.tissue_values, config.tumor_values or ()
+        tissue = tissue_from_mask_file(entry.mask, source.shape, resolution, values, tumor)
+        return tissue, f"label map {entry.mask.name}, values {', '.join(map(str, values))}"
     smallest = min(max(reader.level_shape(level)) for level in range(reader.level_count))
     if reader.level_count > 1 and smallest <= PYRAMID_THUMBNAIL_SIDE:
         thumbnail, downsample = thumbnail_of(reader, PYRAMID_THUMBNAIL_SIDE)
-        return _detect_tissue(thumbnail, downsample, config), f"pyramid level 1/{downsample:.0f}"
+        tissue = _detect_tissue(thumbnail, downsample, config)
+        return tissue, f"pyramid level 1/{downsample:.0f}"
     return None, ""
 
 
@@ -349,8 +428,41 @@ def _detect_tissue(
         downsample,
         method=config.tissue_method,  # type: ignore[arg-type]
         threshold=config.tissue_threshold,
+        polarity=BACKGROUNDS[config.background],  # type: ignore[arg-type]
         min_object_px=config.min_object_size,
     )
+
+
+def _input_warnings(sources: list[_Source], per_image: dict[str, dict[str, Any]]) -> list[str]:
+    """What the user must hear about the inputs: tumor-free by default, annotation files
+    that say something else than meant, and images whose tissue ratio is constant."""
+    warnings = [w for source in sources for w in source.warnings]
+    negatives = [s.image_id for s in sources if s.entry.mask is None and not s.entry.annotation]
+    if negatives:
+        warnings.append(
+            f"{len(negatives)} image(s) without a mask or annotation count as tumor-free "
+            f"(--missing-mask negative): {_some(negatives)}"
+        )
+    constant: dict[float, list[str]] = {}
+    for image_id, info in per_image.items():
+        if info["tissue_ratio_constant"] is not None:
+            constant.setdefault(info["tissue_ratio_constant"], []).append(image_id)
+    for value, ids in sorted(constant.items()):
+        warnings.append(
+            f"tissue_ratio is {value:.3f} on every kept patch of {len(ids)} image(s) "
+            f"({_some(ids)}): no glass/background told apart from tissue there. Where all "
+            "patches share one tissue ratio, tissue_ratio groups are empty on one side of "
+            "any --tau and audit/train refuse it. If the images do show background, set "
+            "--tissue-method threshold --tissue-threshold T --background bright|dark (or "
+            "give tissue/ masks); otherwise group by another --attribute"
+        )
+    return warnings
+
+
+def _some(ids: list[str]) -> str:
+    """The first few ids of a list for a warning, then how many more."""
+    more = len(ids) - _SHOWN_IDS
+    return ", ".join(ids[:_SHOWN_IDS]) + (f" and {more} more" if more > 0 else "")
 
 
 def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> None:
@@ -415,9 +527,8 @@ def _manifest(
     pixel_info: dict[str, Any],
     metadata: pd.DataFrame | None,
 ) -> dict[str, Any]:
-    parameters = asdict(config)
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     parameters["stride"] = config.resolved_stride
-    parameters["split_fractions"] = list(config.split_fractions)
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {
