@@ -140,7 +140,7 @@ class GERNE(Method):
     needs_train_attributes = True
     hparams: ClassVar[dict[str, HParam]] = {
         "c": HParam(0.5, choices=C_CHOICES, help="uniform share of the less-biased p(a|y)"),
-        "beta": HParam(1.0, help="extrapolation factor in [-1, beta_max], searched via s"),
+        "beta": HParam(0.5, help="extrapolation factor in [-1, beta_max], searched via s"),
         "bn": HParam("separate", help="BatchNorm during the step: separate, joint or frozen"),
         "on_runaway": HParam("stop", help="when the extrapolated loss runs away: stop or warn"),
     }
