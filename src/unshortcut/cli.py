@@ -548,3 +548,58 @@ def demo_command(
 
     summary = run_demo(out, DemoSettings(images=images, epochs=epochs), console, overwrite)
     console.print(f"done: every stage's output is under {out} (summary: {summary})")
+
+
+@command("sweep")
+def sweep_command(
+    config: Path = typer.Argument(..., help="Sweep file (TOML): datasets, methods, taus, seeds."),
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder [default: the file's out]."),
+    launcher: str | None = typer.Option(
+        None, "--launcher", help="local (processes) or ray [default: the file's]."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Runs at once [default: the file's]."
+    ),
+    status: bool = typer.Option(
+        False, "--status", help="Say where the sweep stands; train nothing."
+    ),
+) -> None:
+    """Run a grid or random search of runs; relaunching skips finished runs and resumes
+    interrupted ones. Hyperparameters are chosen on validation only; test numbers are read
+    once every choice is made."""
+    from rich.table import Table
+
+    from unshortcut.sweep import load_sweep, run_sweep, sweep_status, write_results
+
+    overrides: dict[str, Any] = {"out": out}
+    sweep = load_sweep(config, **overrides)
+    if launcher is not None or workers is not None:
+        settings = sweep.launcher.model_copy(
+            update={k: v for k, v in (("kind", launcher), ("workers", workers)) if v is not None}
+        )
+        sweep = sweep.model_copy(update={"launcher": settings})
+    if status:
+        table = Table(title=f"sweep {sweep.name}: {sweep.out}")
+        table.add_column("phase")
+        table.add_column("runs", justify="right")
+        for phase, counts in sweep_status(sweep).items():
+            table.add_row(phase, ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+        console.print(table)
+        return
+    result = run_sweep(sweep, log=lambda line: error_console.print(line, highlight=False))
+    table = Table(title=f"sweep {sweep.name}: test %, mean ± std over seeds (chosen on validation)")
+    for name in ("data", "tau", "protocol", "method", "WGA", "BCA", "robust AUROC"):
+        table.add_column(
+            name, justify="left" if name in ("data", "protocol", "method") else "right"
+        )
+    for row in result.rows:
+        cells = [
+            "n/a"
+            if row[k]["mean"] is None
+            else f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
+            for k in ("worst_group_accuracy", "balanced_accuracy", "robust_auroc")
+        ]
+        tau = "" if row["tau"] is None else f"{row['tau']:g}"
+        table.add_row(row["dataset"], tau, row["protocol"], row["method"], *cells)
+    console.print(table)
+    console.print(f"results: {write_results(result)}")
