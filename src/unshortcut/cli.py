@@ -30,8 +30,14 @@ console = Console()
 error_console = Console(stderr=True)
 
 
-def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command whose UnshortcutError becomes a one-line message and exit 2."""
+def command(
+    name: str, on_interrupt: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose UnshortcutError becomes a one-line message and exit 2.
+
+    ``on_interrupt`` is what a person should know after Ctrl-C (what was kept, how to go
+    on); the command then exits 130 with that line instead of a traceback.
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -41,6 +47,10 @@ def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             except UnshortcutError as error:
                 error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                hint = f": {on_interrupt}" if on_interrupt else ""
+                error_console.print(f"[bold red]interrupted[/]{hint}", highlight=False)
+                raise typer.Exit(130) from None
 
         return app.command(name)(wrapper)
 
@@ -62,7 +72,11 @@ def main(
     """Find and remove shortcut learning in patch-wise tumor classification."""
 
 
-@command("patchify")
+@command(
+    "patchify",
+    on_interrupt="the images tiled so far are kept in OUT.partial; the same command "
+    "continues from there",
+)
 def patchify_command(
     data: Path = typer.Argument(
         ...,
@@ -127,6 +141,12 @@ def patchify_command(
         "0.6,0.2,0.2", "--split-fractions", help="train,val,test fractions of the split units."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split draw."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Images tiled at once, each in its own process (memory per worker: a few bands "
+        "of one image). The result does not depend on it.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     background: str = typer.Option(
         "auto",
@@ -207,7 +227,9 @@ def patchify_command(
             progress.update(bands, description=f"{image_id} bands", total=n_bands, completed=0)
             return lambda: progress.advance(bands)
 
-        result = patchify(data, out, config, overwrite=overwrite, on_image=on_image)
+        result = patchify(
+            data, out, config, overwrite=overwrite, on_image=on_image, workers=workers
+        )
     for problem in result.warnings:
         error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
     table = Table(title=f"patch set {result.path}")
@@ -235,7 +257,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-@command("train")
+@command(
+    "train",
+    on_interrupt="every finished epoch is in RUN/checkpoints/last.pt; the same command with "
+    "--resume continues from there",
+)
 def train_command(
     patches: Path = typer.Argument(..., help="Patch-set folder written by `unshortcut patchify`."),
     out: Path | None = typer.Option(None, "--out", help="Run folder to write."),
@@ -550,7 +576,11 @@ def demo_command(
     console.print(f"done: every stage's output is under {out} (summary: {summary})")
 
 
-@command("sweep")
+@command(
+    "sweep",
+    on_interrupt="finished runs are kept and interrupted ones resume; the same command "
+    "continues the sweep",
+)
 def sweep_command(
     config: Path = typer.Argument(..., help="Sweep file (TOML): datasets, methods, taus, seeds."),
     out: Path | None = typer.Option(None, "--out", help="Sweep folder [default: the file's out]."),

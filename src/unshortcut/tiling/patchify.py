@@ -1,18 +1,27 @@
 """Images + tumor masks -> a labelled patch set (the library side of ``unshortcut patchify``).
 
-Order of work, chosen so that a user's mistake costs nothing and a crash leaves nothing:
+Order of work, chosen so that a user's mistake costs nothing and a crash loses little:
 every image and mask is opened and checked first (sizes, masks present, mask encodings,
-annotation files parsed, patch fits);
+annotation files parsed, patch fits, one channel count and pixel type);
 then each image is tiled in one decode pass (see :mod:`unshortcut.tiling.bands`),
 tissue is measured for every grid position, glass-only patches are dropped and the
-kept ones are appended to the final pixel store; splits are drawn last, when the
-labels of all patches are known. All files are written inside an atomic directory.
+kept ones are written to the image's own *part* (``OUT.partial/parts/<n>/``, each part
+written atomically). Images are tiled in parallel processes when ``workers > 1``, with
+memory bounded per worker (a few bands of one image). A killed patchify keeps its
+finished parts: the same command again tiles only the images that are missing. Last,
+the parts are joined in image order into one patch set (byte for byte what a serial
+run writes), splits are drawn when the labels of all patches are known, and the set
+is renamed into place atomically; then the partial folder goes.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from unshortcut.atomic import atomic_directory
+from unshortcut.atomic import atomic_directory, atomic_write_text
 from unshortcut.errors import UnshortcutError
 from unshortcut.io.annotation_classes import (
     DEFAULT_EXCLUDE_CLASSES,
@@ -167,6 +176,8 @@ class _Source:
     downsample: int
     tumor_source: str
     warnings: list[str]
+    pixel_kind: tuple[int, str]
+    """(channels, dtype) of the image."""
 
     @property
     def image_id(self) -> str:
@@ -188,14 +199,24 @@ def patchify(
     config: PatchifyConfig | None = None,
     overwrite: bool = False,
     on_image: BandHook | None = None,
+    workers: int = 1,
 ) -> PatchifyResult:
-    """Tile every image of ``data_dir`` into a patch set at ``out_dir``."""
+    """Tile every image of ``data_dir`` into a patch set at ``out_dir``.
+
+    ``workers`` images are tiled at once in separate processes; the result does not
+    depend on it. An interrupted run's finished images (``OUT.partial/``) are reused
+    when the command is the same.
+    """
     from unshortcut.io.discover import discover_dataset
     from unshortcut.io.metadata import read_metadata
 
     config = config or PatchifyConfig()
     config.validate()
+    if workers < 1:
+        raise UnshortcutError(f"--workers: must be at least 1, got {workers}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     entries = discover_dataset(data_dir, config.missing_mask)
     metadata_path = data_dir / "metadata.csv"
     metadata = (
@@ -204,19 +225,177 @@ def patchify(
         else None
     )
     sources = [_check_entry(entry, config) for entry in entries]
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        parts, per_image, pixel_info = _tile_all(sources, config, tmp, on_image)
-        table = _assemble_table(parts, metadata, config)
-        warnings = _input_warnings(sources, per_image)
-        warnings += split_warnings(
-            table,
-            None if "split" in _columns(metadata) else config.split_fractions,
-            check_patients=config.split_unit != "region",
-        )
-        write_table(table, tmp / TABLE_FILE)
-        manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
-        write_manifest(manifest, tmp / MANIFEST_FILE)
+    _check_pixel_types(sources)
+    _check_metadata_columns(metadata)
+    partial = partial_folder(out_dir)
+    notes = _prepare_partial(partial, data_dir, config, sources)
+    try:
+        _tile_parts(sources, config, partial, on_image, workers)
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            parts, per_image, pixel_info = _join_parts(sources, partial, config, tmp)
+            table = _assemble_table(parts, metadata, config)
+            warnings = notes + _input_warnings(sources, per_image)
+            warnings += split_warnings(
+                table,
+                None if "split" in _columns(metadata) else config.split_fractions,
+                check_patients=config.split_unit != "region",
+            )
+            write_table(table, tmp / TABLE_FILE)
+            manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
+            write_manifest(manifest, tmp / MANIFEST_FILE)
+    except UnshortcutError:
+        # A mistake in the input or settings: fixing it changes the plan, so the parts
+        # could not be reused; nothing is left behind.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial)
     return PatchifyResult(out_dir, table, manifest, warnings)
+
+
+def _check_metadata_columns(metadata: pd.DataFrame | None) -> None:
+    reserved = sorted(set(_columns(metadata)) & set(_PATCH_COLUMNS))
+    if reserved:
+        raise UnshortcutError(
+            f"metadata.csv: column(s) {', '.join(reserved)} are patch attributes computed by "
+            "patchify; rename them"
+        )
+
+
+def partial_folder(out_dir: Path) -> Path:
+    """Where an unfinished patchify keeps the images it has tiled (visible, beside OUT)."""
+    return out_dir.with_name(f"{out_dir.name}.partial")
+
+
+def _plan(data_dir: Path, config: PatchifyConfig, sources: list[_Source]) -> dict[str, Any]:
+    """What the parts depend on: the settings and every input file's size and age."""
+    files = []
+    for source in sources:
+        entry = source.entry
+        for path in (entry.image, entry.mask, entry.annotation, entry.tissue):
+            if path is not None:
+                stat = Path(path).stat()
+                files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    return {"data": str(data_dir.resolve()), "parameters": parameters, "files": files}
+
+
+def _prepare_partial(
+    partial: Path, data_dir: Path, config: PatchifyConfig, sources: list[_Source]
+) -> list[str]:
+    """Reuse an interrupted run's parts when its plan is this one; else start afresh.
+
+    Returns the notes the user must read (what was reused, what was discarded).
+    """
+    plan = _plan(data_dir, config, sources)
+    plan_file = partial / "plan.json"
+    notes = []
+    if partial.is_dir():
+        same = plan_file.is_file() and json.loads(plan_file.read_text("utf-8")) == plan
+        if same:
+            done = sum(1 for i in range(len(sources)) if _part(partial, i).is_dir())
+            notes.append(
+                f"resumed an interrupted patchify: {done} of {len(sources)} image(s) were "
+                f"already tiled in {partial}"
+            )
+        else:
+            notes.append(
+                f"{partial}: held an interrupted patchify of other inputs or settings; "
+                "discarded and started afresh"
+            )
+            shutil.rmtree(partial)
+    if not partial.is_dir():
+        (partial / "parts").mkdir(parents=True)
+        atomic_write_text(plan_file, json.dumps(plan, indent=2))
+    return notes
+
+
+def _part(partial: Path, index: int) -> Path:
+    return partial / "parts" / f"{index:06d}"
+
+
+def _tile_parts(
+    sources: list[_Source],
+    config: PatchifyConfig,
+    partial: Path,
+    on_image: BandHook | None,
+    workers: int,
+) -> None:
+    """Tile every image without a finished part: in this process (with per-band progress),
+    or in ``workers`` spawned processes (progress per image)."""
+    todo = [i for i in range(len(sources)) if not _part(partial, i).is_dir()]
+    done = len(sources) - len(todo)
+    if workers == 1 or len(todo) < 2:
+        for index in todo:
+            source = sources[index]
+            hook = (
+                on_image(source.image_id, done, len(sources), source.grid.rows)
+                if on_image
+                else None
+            )
+            tile_part(source, config, _part(partial, index), hook)
+            done += 1
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+        futures = {pool.submit(tile_part, sources[i], config, _part(partial, i)): i for i in todo}
+        for future in as_completed(futures):
+            future.result()
+            done += 1
+            if on_image is not None:
+                on_image(sources[futures[future]].image_id, done, len(sources), 0)
+
+
+def tile_part(
+    source: _Source,
+    config: PatchifyConfig,
+    part: Path,
+    on_band: Callable[[], None] | None = None,
+) -> None:
+    """One image into its part folder (written atomically): pixels.npy and masks.npy of
+    the kept patches, rows.parquet, info.json. What a worker process runs."""
+    from unshortcut.io.readers import open_image
+
+    with (
+        atomic_directory(part) as tmp,
+        _opened(open_image(source.image_path)) as reader,
+        _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
+        ExitStack() as stores,
+    ):
+        side = config.input_size
+        pixels = NpyAppender(tmp / PIXELS_FILE, (int(reader.channels), side, side), reader.dtype)
+        masks = NpyAppender(tmp / MASKS_FILE, (side, side), np.uint8)
+        stores.callback(pixels.close)
+        stores.callback(masks.close)
+        frame, info = _tile_one(
+            source, reader, tumor.mask, config, tmp, pixels, masks, on_band or _nothing
+        )
+        frame.to_parquet(tmp / "rows.parquet", index=False)
+        (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
+
+
+def _join_parts(
+    sources: list[_Source], partial: Path, config: PatchifyConfig, out: Path
+) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Append every part's stores to the final ones, in image order."""
+    first = np.load(_part(partial, 0) / PIXELS_FILE, mmap_mode="r")
+    pixel_info = {"channels": int(first.shape[1]), "dtype": str(first.dtype)}
+    side = config.input_size
+    parts: list[pd.DataFrame] = []
+    per_image: dict[str, dict[str, Any]] = {}
+    with ExitStack() as stores:
+        pixels = NpyAppender(out / PIXELS_FILE, first.shape[1:], first.dtype)
+        masks = NpyAppender(out / MASKS_FILE, (side, side), np.uint8)
+        stores.callback(pixels.close)
+        stores.callback(masks.close)
+        for index, source in enumerate(sources):
+            part = _part(partial, index)
+            for name, store in ((PIXELS_FILE, pixels), (MASKS_FILE, masks)):
+                rows = np.load(part / name, mmap_mode="r")
+                for start in range(0, len(rows), _COMPACT_CHUNK):
+                    store.append(np.asarray(rows[start : start + _COMPACT_CHUNK]))
+            parts.append(pd.read_parquet(part / "rows.parquet"))
+            per_image[source.image_id] = json.loads((part / "info.json").read_text("utf-8"))
+    return parts, per_image, pixel_info
 
 
 def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
@@ -234,13 +413,14 @@ def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
         downsample = round(reader.level_downsample(config.level))
         grid = make_grid(height, width, config.patch_size, config.resolved_stride, str(entry.image))
         shape = reader.level_shape(0)
+        pixel_kind = (int(reader.channels), str(np.dtype(reader.dtype)))
     if config.tissue_values is not None and entry.tissue is not None and entry.mask is not None:
         raise UnshortcutError(
             f"tissue/{entry.tissue.name}: --tissue-values already takes the tissue of image "
             f"{entry.image_id!r} from masks/{entry.mask.name}; use one of them"
         )
     with _opened(_open_tumor(entry, shape, config)) as tumor:
-        return _Source(entry, shape, grid, downsample, tumor.source, tumor.warnings)
+        return _Source(entry, shape, grid, downsample, tumor.source, tumor.warnings, pixel_kind)
 
 
 def _open_tumor(entry: ImageEntry, shape: tuple[int, int], config: PatchifyConfig) -> TumorMask:
@@ -261,59 +441,24 @@ def _opened(reader: Any) -> Iterator[Any]:
             close()
 
 
-def _tile_all(
-    sources: list[_Source], config: PatchifyConfig, out: Path, on_image: BandHook | None
-) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
-    """Tile each image, keep patches with enough tissue, append them to the pixel stores."""
-    from unshortcut.io.readers import open_image
-
-    work = out / ".work"
-    work.mkdir()
-    parts: list[pd.DataFrame] = []
-    per_image: dict[str, dict[str, Any]] = {}
-    pixel_info: dict[str, Any] = {}
-    with ExitStack() as stores:
-        pixels: NpyAppender | None = None
-        masks: NpyAppender | None = None
-        for done, source in enumerate(sources):
-            with (
-                _opened(open_image(source.image_path)) as reader,
-                _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
-            ):
-                if pixels is None or masks is None:
-                    channels, side = int(reader.channels), config.input_size
-                    pixel_info = {"channels": channels, "dtype": str(np.dtype(reader.dtype))}
-                    pixels = NpyAppender(out / PIXELS_FILE, (channels, side, side), reader.dtype)
-                    masks = NpyAppender(out / MASKS_FILE, (side, side), np.uint8)
-                    stores.callback(pixels.close)
-                    stores.callback(masks.close)
-                _check_same_pixels(source, reader, pixel_info)
-                hook = (
-                    on_image(source.image_id, done, len(sources), source.grid.rows)
-                    if on_image
-                    else _nothing
-                )
-                frame, info = _tile_one(
-                    source, reader, tumor.mask, config, work, pixels, masks, hook
-                )
-            parts.append(frame)
-            per_image[source.image_id] = info
-    shutil.rmtree(work)
-    return parts, per_image, pixel_info
-
-
 def _nothing() -> None:
     """Per-band callback when nobody is watching."""
 
 
-def _check_same_pixels(source: _Source, reader: Any, pixel_info: dict[str, Any]) -> None:
-    """One pixel store holds one channel count and dtype; mixed data sets are refused."""
-    channels, dtype = int(reader.channels), str(np.dtype(reader.dtype))
-    if (channels, dtype) != (pixel_info["channels"], pixel_info["dtype"]):
-        raise UnshortcutError(
-            f"{source.image_path}: has {channels} channel(s) of {dtype}, other images have "
-            f"{pixel_info['channels']} of {pixel_info['dtype']}; patchify them separately"
-        )
+def _check_pixel_types(sources: list[_Source]) -> None:
+    """One pixel store holds one channel count and pixel type: name the images that differ
+    from the most common one (not merely from the first image read)."""
+    kinds = Counter(s.pixel_kind for s in sources)
+    if len(kinds) < 2:
+        return
+    (channels, dtype), count = kinds.most_common(1)[0]
+    odd = [s for s in sources if s.pixel_kind != (channels, dtype)]
+    shown = ", ".join(f"{s.image_path} ({s.pixel_kind[0]} x {s.pixel_kind[1]})" for s in odd[:3])
+    more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    raise UnshortcutError(
+        f"{shown}{more}: channel count or pixel type differs from the other {count} image(s) "
+        f"({channels} channel(s) of {dtype}); patchify them separately or convert them"
+    )
 
 
 def _tile_one(
@@ -490,12 +635,6 @@ def _assemble_table(
             f"--min-tissue: no patch holds at least {config.min_tissue:.0%} tissue; lower it"
         )
     meta_columns = [c for c in _columns(metadata) if c != "image_id"]
-    reserved = sorted(set(meta_columns) & set(_PATCH_COLUMNS))
-    if reserved:
-        raise UnshortcutError(
-            f"metadata.csv: column(s) {', '.join(reserved)} are patch attributes computed by "
-            "patchify; rename them"
-        )
     if "synthetic" in meta_columns:  # a generator may mark its own images
         table = table.drop(columns="synthetic")
     if metadata is not None:
