@@ -306,6 +306,7 @@ def train_command(
     """
     import warnings
 
+    from unshortcut import distributed
     from unshortcut.config import load_config, parse_hp
     from unshortcut.evaluate import metric_warnings, results_tables
     from unshortcut.runs import open_run
@@ -330,6 +331,8 @@ def train_command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 speaks for every rank
     metrics = open_run(run).metrics
     for table in results_tables(metrics, f"{settings.method} ({run})"):
         console.print(table)

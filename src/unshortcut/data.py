@@ -6,11 +6,13 @@ followed by a reorder to the requested order. There is no per-sample ``Dataset``
 indirection: the method hands the loop whole index arrays, and everything after the
 read (normalisation, flips, rotations, intensity jitter) is done on the batch tensor.
 
-Determinism and DDP: batch index lists come from the method and depend only on
-``(seed, epoch)``; augmentation draws from a ``torch.Generator`` seeded from the same
-pair. Under ``torch.distributed`` every rank draws the same index lists and keeps its
-own slice of each batch (:func:`shard_for_rank`), so all ranks take the same number
-of steps and together see exactly the single-process batch.
+Determinism and data parallelism: batch index lists come from the method and depend
+only on ``(seed, epoch)``; augmentation draws from a ``torch.Generator`` seeded from the
+same pair. Under ``torch.distributed`` every rank draws the same index lists and keeps
+its strided share of each batch (``distributed.shard``), and the augmentation draws its
+random numbers for the whole batch and applies those of the rank's rows, so all ranks
+take the same number of steps and together see exactly the single-process batch,
+augmented exactly as in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unshortcut import distributed
 from unshortcut.prefetch import prefetched
 from unshortcut.rows import Batch, GroupedSplit
 
@@ -99,15 +102,27 @@ class Augmentation:
     intensity_shift: float = 0.1
 
     def __call__(
-        self, x: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        generator: torch.Generator,
+        rows: np.ndarray | None = None,
+        drawn: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment ``x`` (and ``mask``); random numbers are drawn for ``drawn`` rows (the
+        whole batch) and those at ``rows`` applied, so a rank's share of a batch gets
+        exactly what the same rows get in one process."""
         n, c = x.shape[:2]
+        total = n if drawn is None else drawn
         # Draw every random number up front in a fixed order: the result depends only
         # on the generator's state, whichever options are on.
-        flip = torch.rand(n, generator=generator) < 0.5
-        turns = torch.randint(0, 4, (n,), generator=generator)
-        scale = 1 + self.intensity_scale * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
-        shift = self.intensity_shift * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
+        flip = torch.rand(total, generator=generator) < 0.5
+        turns = torch.randint(0, 4, (total,), generator=generator)
+        scale = 1 + self.intensity_scale * (2 * torch.rand(total, c, 1, 1, generator=generator) - 1)
+        shift = self.intensity_shift * (2 * torch.rand(total, c, 1, 1, generator=generator) - 1)
+        if rows is not None:
+            pick = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            flip, turns, scale, shift = flip[pick], turns[pick], scale[pick], shift[pick]
         kind = torch.zeros(n, dtype=torch.int64)
         if self.flips:
             kind += 4 * flip
@@ -139,13 +154,6 @@ def augmentation_generator(seed: int, epoch: int, stream: int = 0) -> torch.Gene
     """A CPU generator that depends only on ``(seed, epoch, stream)``."""
     value = np.random.default_rng([seed, epoch, stream, 0xA06]).integers(2**62)
     return torch.Generator().manual_seed(int(value))
-
-
-def shard_for_rank(index: np.ndarray) -> np.ndarray:
-    """This rank's slice of a batch under ``torch.distributed``; the whole batch otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return index[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
-    return index
 
 
 class SplitData:
@@ -201,8 +209,13 @@ class SplitData:
         augmentation: Augmentation | None = None,
         generator: torch.Generator | None = None,
         with_masks: bool = True,
+        share: tuple[np.ndarray, int] | None = None,
     ) -> Batch:
-        """The batch of split rows ``index`` on the CPU (augmented when given one)."""
+        """The batch of split rows ``index`` on the CPU (augmented when given one).
+
+        ``share`` = (positions, batch size): ``index`` is the rows at those positions of
+        a larger batch, and the augmentation draws as for the larger batch.
+        """
         index = np.asarray(index, dtype=np.int64)
         x = torch.from_numpy(self._read(self.pixels, index).astype(np.float32, copy=False))
         x = torch.addcmul(self._bias, x, self._inv_std)
@@ -212,7 +225,8 @@ class SplitData:
         if augmentation is not None:
             if generator is None:
                 raise ValueError("augmentation needs a seeded generator")
-            x, mask = augmentation(x, mask, generator)
+            rows, drawn = share if share is not None else (None, None)
+            x, mask = augmentation(x, mask, generator, rows, drawn)
         t = torch.from_numpy(index)
         attribute = self._attributes[t]
         y = self._labels[t]
@@ -237,17 +251,30 @@ class SplitData:
     ) -> Iterator[Batch]:
         """Batches for a sequence of index arrays, optionally read ahead by a thread.
 
-        The thread only reads and augments, in order, with the one generator, so the
-        batches are identical with and without prefetching.
+        Under data parallelism each yielded batch is this rank's share of the batch. The
+        thread only reads and augments, in order, with the one generator, so the batches
+        are identical with and without prefetching.
         """
-        indices = (shard_for_rank(np.asarray(i)) for i in indices)
-        loads = (self.load(i, augmentation, generator, with_masks) for i in indices)
+
+        def load(index: np.ndarray) -> Batch:
+            positions = distributed.positions(len(index))
+            share = (positions, len(index)) if distributed.world() > 1 else None
+            return self.load(index[positions], augmentation, generator, with_masks, share)
+
+        return self._deliver((load(np.asarray(i)) for i in indices), prefetch)
+
+    def sequential(
+        self, batch_size: int, prefetch: bool = True, rows: slice | None = None
+    ) -> Iterator[Batch]:
+        """``rows`` (default every row) once, in order, without augmentation or masks, in
+        batches read whole on every rank (for prediction; ranks split rows themselves)."""
+        selected = np.arange(len(self))[rows or slice(None)]
+        starts = range(0, len(selected), batch_size)
+        index = (selected[s : s + batch_size] for s in starts)
+        return self._deliver((self.load(i, with_masks=False) for i in index), prefetch)
+
+    def _deliver(self, loads: Iterator[Batch], prefetch: bool) -> Iterator[Batch]:
+        """The loaded batches (read ahead by a thread when ``prefetch``) on the device."""
         source = prefetched(loads) if prefetch else loads
         for batch in source:
             yield batch if self.device.type == "cpu" else batch.to(self.device)
-
-    def sequential(self, batch_size: int, prefetch: bool = True) -> Iterator[Batch]:
-        """Every row once, in order, without augmentation or masks (for prediction)."""
-        starts = range(0, len(self), batch_size)
-        index = (np.arange(s, min(s + batch_size, len(self))) for s in starts)
-        return self.batches(index, prefetch=prefetch, with_masks=False)

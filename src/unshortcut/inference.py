@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from unshortcut import distributed
 from unshortcut.data import Normalization, SplitData, channel_stats
 from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
@@ -156,11 +157,20 @@ def load_run_data(
 def _forward_all(
     model: nn.Module, loader: SplitData, pick: Callable[[ModelOutput], torch.Tensor], prefetch: bool
 ) -> np.ndarray:
+    """``pick`` of the model's outputs for every row, in order, in eval mode.
+
+    Under data parallelism each rank scores a contiguous block of rows and the blocks are
+    gathered, so every rank returns every row.
+    """
     was_training = model.training
     model.eval()
-    out = [pick(model.outputs(batch.x)).cpu() for batch in loader.sequential(EVAL_BATCH, prefetch)]
+    rows = distributed.contiguous_share(len(loader))
+    out = [
+        pick(model.outputs(batch.x)).cpu()
+        for batch in loader.sequential(EVAL_BATCH, prefetch, rows=rows)
+    ]
     model.train(was_training)
-    return torch.cat(out).numpy()
+    return distributed.gather_rows(torch.cat(out).numpy() if out else None)
 
 
 def log_probabilities(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
