@@ -295,6 +295,12 @@ def train_command(
         "(default: all, worst_group_accuracy first).",
     ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default: auto)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="auto, fp32 or bf16 autocast (default: auto = bf16 on CUDA)."
+    ),
+    channels_last: str | None = typer.Option(
+        None, "--channels-last", help="auto, on or off (default: auto = on CUDA)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -327,6 +333,8 @@ def train_command(
         hp=parse_hp(hp) if hp else None,
         select_by=select_by,
         device=device,
+        precision=precision,
+        channels_last=channels_last,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

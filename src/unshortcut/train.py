@@ -99,6 +99,7 @@ def train_epoch(
     augmentation: Augmentation | None,
     prefetch: bool,
     on_step: Callable[[int, int], None] | None = None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """One epoch of the method's batches; returns the mean of each loss term.
 
@@ -114,7 +115,8 @@ def train_epoch(
     for step, batch in enumerate(
         loader.batches(indices, augmentation, generator, prefetch=prefetch)
     ):
-        terms = method.train_step(model, batch, optimizers)
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = method.train_step(model, batch, optimizers)
         loss = _agreed_loss(terms["loss"])
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -189,6 +191,7 @@ def run_epochs(
             augmentation=ctx.augmentation,
             prefetch=ctx.config.prefetch,
             on_step=on_step,
+            bf16=ctx.config.uses_bf16(ctx.device.type),
         )
         method.on_epoch_end(epoch, model, terms)
         lr = next(iter(optimizers.values())).param_groups[0]["lr"]
@@ -233,7 +236,10 @@ class LoopContext:
                 patchset.input_size,
                 pretrained=True,
             )
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.config.uses_channels_last(self.device.type):
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
     def make_optimizer(
         self,
@@ -278,10 +284,12 @@ class LoopContext:
         return np.exp(self.log_probabilities(model, split))
 
     def log_probabilities(self, model: nn.Module, split: str) -> np.ndarray:
-        return log_probabilities(model, self.data.loaders[split], self.config.prefetch)
+        bf16 = self.config.uses_bf16(self.device.type)
+        return log_probabilities(model, self.data.loaders[split], self.config.prefetch, bf16)
 
     def features(self, model: nn.Module, split: str) -> np.ndarray:
-        return features(model, self.data.loaders[split], self.config.prefetch)
+        bf16 = self.config.uses_bf16(self.device.type)
+        return features(model, self.data.loaders[split], self.config.prefetch, bf16)
 
     def validation_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Validation metrics without bootstrap (cheap enough for every epoch)."""
@@ -419,6 +427,7 @@ def training_data(
         attributes=config.attributes,
         taus=config.taus,
         normalize=config.normalize,
+        channels_last=config.uses_channels_last(device.type),
     )
 
 
@@ -477,7 +486,6 @@ def train(
         _finish(run, ctx, method, state)
         distributed.barrier()
     return run
-
 
 
 def _restore(
