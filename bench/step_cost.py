@@ -16,7 +16,10 @@ rate (batch size over its median step time in the block), and the table reports 
 mean and spread over blocks of each rate and of its cost per sample relative to ERM.
 Writes bench/results/step_cost.json (rows layout) and prints the table.
 
-Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 200] [--blocks 5]``.
+Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 200] [--blocks 5]``;
+on a GPU, the paper's setting: ``python bench/step_cost.py --device cuda --model resnet50
+--size 224 --batch 128 --bf16 --channels-last`` (the table then names the GPU and each
+variant's peak memory).
 """
 
 from __future__ import annotations
@@ -55,14 +58,16 @@ def make_data(n: int, size: int, seed: int) -> tuple[GroupedSplit, torch.Tensor]
     return split, torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def batch_of(split: GroupedSplit, pixels: torch.Tensor, rows: np.ndarray) -> Batch:
+def batch_of(
+    split: GroupedSplit, pixels: torch.Tensor, rows: np.ndarray, device: torch.device
+) -> Batch:
     index = torch.as_tensor(rows)
     return Batch(
-        pixels[index],
-        torch.as_tensor(split.labels[rows]),
-        torch.as_tensor(split.attributes[rows]),
-        torch.as_tensor(split.groups[rows]),
-        index,
+        pixels[index.to(pixels.device)],
+        torch.as_tensor(split.labels[rows]).to(device),
+        torch.as_tensor(split.attributes[rows]).to(device),
+        torch.as_tensor(split.groups[rows]).to(device),
+        index.to(device),
     )
 
 
@@ -76,15 +81,20 @@ def two_backward_step(model: torch.nn.Module, batch: Batch, beta: float) -> None
 
 def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     """A closure running one training step of a variant; returns its duration in seconds."""
-    split, pixels = make_data(4096, args.size, seed=0)
+    device = torch.device(args.device)
+    split, pixels = make_data(4096 if device.type == "cpu" else 1024, args.size, seed=0)
+    pixels = pixels.to(device)
     torch.manual_seed(0)
-    model = build_model(args.model, 3, 2, args.size).train()
+    model = build_model(args.model, 3, 2, args.size).to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
     ctx = SimpleNamespace(
         train=split,
         val=split,
         batch_size=args.batch,
         seed=0,
-        device=torch.device("cpu"),
+        device=device,
         pretrained=False,
         make_optimizer=lambda params, *_: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
     )
@@ -102,7 +112,7 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     stream = batches()
 
     def step() -> None:
-        batch = batch_of(split, pixels, next(stream))
+        batch = batch_of(split, pixels, next(stream), device)
         if name == "two_backward":
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
@@ -113,8 +123,13 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
             method.train_step(model, batch, optimizers)
 
     def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for _ in range(args.warmup):
@@ -137,11 +152,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     timers = {name: run_variant(name, args) for name in VARIANTS}
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     per_block = max(1, args.steps // args.blocks)
     for _ in range(args.blocks):
@@ -158,10 +178,12 @@ def main() -> None:
         rows.append(
             {"variant": name, "samples_per_s": stat(rates[name]), "cost_vs_erm": stat(cost)}
         )
+    where = gpu or f"CPU x{args.threads}"
     title = (
         f"GERNE step cost: {args.model}, {args.size} px, 3 channels, batch {args.batch}, "
-        f"beta {args.beta:g}, CPU x{args.threads}, {args.blocks} blocks of {per_block} "
-        "interleaved steps"
+        f"beta {args.beta:g}, {where}{', bf16' if args.bf16 else ''}"
+        f"{', channels-last' if args.channels_last else ''}, {args.blocks} blocks of "
+        f"{per_block} interleaved steps"
     )
     table = Table(title=title)
     for column in ("variant", "samples/s", "cost per sample vs ERM"):
@@ -185,6 +207,8 @@ def main() -> None:
                 "title": title,
                 "rows": rows,
                 "floor": FLOOR,
+                "device": gpu or "CPU",
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if gpu else None,
                 "command": shlex.join(["python", "bench/step_cost.py", *sys.argv[1:]]),
                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "torch": torch.__version__,
