@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from unshortcut.atomic import atomic_write_text
+from common import stat, write_results
 from unshortcut.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"
@@ -74,11 +69,6 @@ def variant_step(
 
     step()
     return step
-
-
-def stat(values: list[float]) -> dict[str, object]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "values": values}
 
 
 def main() -> None:
@@ -134,21 +124,7 @@ def main() -> None:
             f"{rate['mean']:.0f} ± {rate['std']:.0f}", f"{ratio['mean']:.2f}x ± {ratio['std']:.2f}",
         )  # fmt: skip
     Console(width=110).print(table)
-    atomic_write_text(
-        args.results,
-        json.dumps(
-            {
-                "title": title,
-                "device": name,
-                "rows": rows,
-                "command": shlex.join(["python", "bench/precision.py", *sys.argv[1:]]),
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    write_results(args.results, rows, title=title, device=name, torch=torch.__version__)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,17 @@ quotes it. Usage: ``python bench/scaling.py [--workers 2] [--rounds 2] [--images
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from unshortcut.atomic import atomic_write_text
+from common import stat, write_results
 from unshortcut.synth import generate_dataset, make_config
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
@@ -39,11 +35,6 @@ from unshortcut.tiling.patchset import PatchSet
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "scaling"
 RESULTS = ROOT / "bench" / "results" / "scaling.json"
-
-
-def stat(values: list[float]) -> dict[str, object]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "values": values}
 
 
 def patchify_rates(data: Path, workers: int, rounds: int) -> dict[int, list[float]]:
@@ -130,19 +121,7 @@ def main() -> None:
             f"{r['speedup']['mean']:.2f}x ± {r['speedup']['std']:.2f}",
         )  # fmt: skip
     Console(width=110).print(table)
-    atomic_write_text(
-        args.results,
-        json.dumps(
-            {
-                "title": title,
-                "rows": rows,
-                "command": shlex.join(["python", "bench/scaling.py", *sys.argv[1:]]),
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    write_results(args.results, rows, title=title)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,9 @@ variant's peak memory).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unshortcut.atomic import atomic_write_text
+from common import stat, write_results
 from unshortcut.methods import Batch, GroupedSplit, get_method
 from unshortcut.models import build_model
 
@@ -137,11 +133,6 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     return timed
 
 
-def stat(values: list[float]) -> dict[str, object]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "values": values}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small_cnn")
@@ -200,22 +191,14 @@ def main() -> None:
     ratio = rows[1]["cost_vs_erm"]["mean"]
     verdict = "within" if ratio <= FLOOR else "ABOVE"
     console.print(f"GERNE / ERM cost per sample: {ratio:.3f} ({verdict} the {FLOOR}x floor)")
-    atomic_write_text(
+    write_results(
         args.results,
-        json.dumps(
-            {
-                "title": title,
-                "rows": rows,
-                "floor": FLOOR,
-                "device": gpu or "CPU",
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if gpu else None,
-                "command": shlex.join(["python", "bench/step_cost.py", *sys.argv[1:]]),
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
-        + "\n",
+        rows,
+        title=title,
+        floor=FLOOR,
+        device=gpu or "CPU",
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if gpu else None,
+        torch=torch.__version__,
     )
 
 
