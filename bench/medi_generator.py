@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -113,6 +114,7 @@ def main() -> None:
         None, patches=patches, out=run, preset="cpu", epochs=args.epochs,
         num_threads=args.threads, device="cpu",
     )  # fmt: skip
+    load_before = os.getloadavg()
     resume = (run / "config.json").is_file()
     train_generator(config, resume=resume, on_epoch_end=lambda line: print(line, flush=True))
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
@@ -192,6 +194,8 @@ def main() -> None:
             "count_per_group": args.count,
             "sampling_seeds": args.seeds,
             "threads": args.threads,
+            "load_average_before_after": [load_before, os.getloadavg()],
+            "cpus": os.cpu_count(),
             "train_seconds_total": sum(h["seconds"] for h in history),
             "floor": FLOOR,
         },

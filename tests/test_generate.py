@@ -22,6 +22,7 @@ from unshortcut.generate.diffusion import (
     guided_prediction,
     sampling_scheduler,
     training_scheduler,
+    training_target,
 )
 from unshortcut.generate.model import ConditionalUNet
 from unshortcut.generate.quality import frechet_distance, nearest_distance
@@ -115,21 +116,30 @@ def test_ddim_timesteps_are_evenly_spaced_from_the_noise_end() -> None:
         ddim_timesteps(10, 11)
 
 
-def test_a_ddim_step_with_the_true_noise_lands_on_the_forward_process() -> None:
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_ddim_step_with_the_true_target_lands_on_the_forward_process(prediction: str) -> None:
     """x_{t-k} = sqrt(ab') x0_hat + sqrt(1 - ab') eps, x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab).
 
-    Given the true noise, that is exactly the forward process at t - k.
+    Given the true noise (or velocity v = sqrt(ab) eps - sqrt(1 - ab) x0), that is
+    exactly the forward process at t - k.
     """
-    sampler = sampling_scheduler(T, "linear_beta", 20)
+    sampler = sampling_scheduler(T, "linear_beta", 20, prediction)
+    noising = training_scheduler(T, "linear_beta", prediction)
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 2e-2, T))
     rng = np.random.default_rng(1)
     x0 = rng.uniform(-0.9, 0.9, (3, 2, 4, 4))
     eps = rng.normal(size=x0.shape)
     t, k = 549, T // 20
     x_t = np.sqrt(alpha_bar[t]) * x0 + np.sqrt(1 - alpha_bar[t]) * eps
+    velocity = np.sqrt(alpha_bar[t]) * eps - np.sqrt(1 - alpha_bar[t]) * x0
     x0_hat = (x_t - np.sqrt(1 - alpha_bar[t]) * eps) / np.sqrt(alpha_bar[t])
     expected = np.sqrt(alpha_bar[t - k]) * x0_hat + np.sqrt(1 - alpha_bar[t - k]) * eps
-    previous, estimate = sampler.step(torch.tensor(eps).float(), t, torch.tensor(x_t).float())
+    as_tensor = lambda a: torch.tensor(a).float()  # noqa: E731
+    target = training_target(noising, as_tensor(x0), as_tensor(eps), torch.full((3,), t))
+    np.testing.assert_allclose(
+        target.numpy(), eps if prediction == "epsilon" else velocity, atol=1e-5
+    )
+    previous, estimate = sampler.step(target, t, as_tensor(x_t))
     np.testing.assert_allclose(previous.numpy(), expected, atol=1e-4)
     np.testing.assert_allclose(estimate.numpy(), x0, atol=1e-4)
 

@@ -43,13 +43,14 @@ from unshortcut.generate.targets import (
 from unshortcut.generate.training import Generator, derive_seed, load_generator, real_rows
 from unshortcut.generate.writer import write_augmented_patch_set
 from unshortcut.groups import GroupScheme
-from unshortcut.tiling.patchset import PatchSet
+from unshortcut.tiling.patchset import TABLE_FILE, PatchSet
 
 PATCHES_PER_IMAGE = 64
 QUALITY_FILE = "quality/quality.json"
 # Validation rows the quality checks read at most.
 MAX_VAL_ROWS = 2000
-_DONORS, _QUALITY = 11, 12
+# Random streams (the last seed word) of the donor draws, the noise and the checks.
+_DONORS, _NOISE, _QUALITY = 11, 12, 13
 
 OnProgress = Callable[[str, int, int], None]
 """(stage, done, total): stages "judge", "sample"."""
@@ -117,7 +118,7 @@ def augment_patch_set(
     total = len(rows)
     scaled = generator.sample(
         generator.encoder.encode(rows, "generated rows"),
-        seed=derive_seed(seed, _DONORS),
+        seed=derive_seed(seed, _NOISE),
         steps=steps,
         guidance_scale=guidance_scale,
         on_batch=None if on_progress is None else lambda done: on_progress("sample", done, total),
@@ -149,6 +150,12 @@ def augment_patch_set(
         source, Path(out), rows, pixels, masks, generation, files, overwrite=overwrite
     )
     return GenerationResult(written, counts, report)
+
+
+def _identity(source: PatchSet) -> str:
+    """Where the patch set is and which version of it (the judge cache key)."""
+    table = source.path / TABLE_FILE
+    return f"{source.path.resolve()}|{table.stat().st_mtime_ns}|{len(source)}"
 
 
 def _check_compatible(generator: Generator, source: PatchSet) -> None:
@@ -222,7 +229,7 @@ def _quality(
         epochs=generator.config.quality_epochs,
         seed=generator.config.seed,
         device=generator.device,
-        key=str(source.path.resolve()),
+        key=_identity(source),
     )
     if on_progress is not None:
         on_progress("judge", 1, 1)

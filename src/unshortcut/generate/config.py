@@ -22,17 +22,18 @@ from unshortcut.errors import UnshortcutError
 PresetName = Literal["cpu", "gpu"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # About 30 ms per 32 px patch and training step on one CPU core.
+    # About 30 ms per 32 px patch and training step on one CPU core; small batches give
+    # the most updates for the compute (docs/generate.md).
     "cpu": {
         "widths": [32, 64, 64],
         "res_blocks": 1,
         "attention": [False, False, False],
         "norm_groups": 8,
         "epochs": 6,
-        "batch_size": 32,
-        "lr": 1e-3,
-        "warmup_steps": 100,
-        "ema_decay": 0.995,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "warmup_steps": 200,
+        "ema_decay": 0.998,
         "sample_steps": 25,
     },
     # The DDPM/ADM-style width for 32-64 px patches; attention at the coarse levels.
@@ -92,13 +93,18 @@ class GeneratorConfig(BaseModel):
     )
     timesteps: int = Field(1000, ge=2)
     schedule: Literal["cosine", "linear_beta", "scaled_linear_beta"] = "cosine"
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction",
+        description="what the network predicts: the velocity (default, well conditioned at "
+        "every noise level) or the noise (MeDi's epsilon)",
+    )
     epochs: int = Field(6, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(200, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.995, ge=0, lt=1)
+    ema_decay: float = Field(0.998, ge=0, lt=1)
     cond_dropout: float = Field(
         0.1, ge=0, le=1, description="probability that all conditions are nulled (guidance)"
     )

@@ -26,15 +26,33 @@ from torch import nn
 from unshortcut.generate.conditioning import null_conditions
 
 
-def training_scheduler(timesteps: int, schedule: str) -> DDPMScheduler:
+def training_scheduler(timesteps: int, schedule: str, prediction: str = "epsilon") -> DDPMScheduler:
     """The forward (noising) process the model is trained on."""
-    return DDPMScheduler(num_train_timesteps=timesteps, schedule=schedule)
+    return DDPMScheduler(
+        num_train_timesteps=timesteps, schedule=schedule, prediction_type=prediction
+    )
 
 
-def sampling_scheduler(timesteps: int, schedule: str, steps: int) -> DDIMScheduler:
+def training_target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the network learns to output: the noise, or the velocity
+    ``sqrt(abar) eps - sqrt(1 - abar) x0``."""
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return noise
+
+
+def sampling_scheduler(
+    timesteps: int, schedule: str, steps: int, prediction: str = "epsilon"
+) -> DDIMScheduler:
     """A DDIM sampler over ``steps`` evenly spaced time steps of the same schedule."""
     scheduler = DDIMScheduler(
-        num_train_timesteps=timesteps, schedule=schedule, clip_sample=True, set_alpha_to_one=True
+        num_train_timesteps=timesteps,
+        schedule=schedule,
+        clip_sample=True,
+        set_alpha_to_one=True,
+        prediction_type=prediction,
     )
     scheduler.set_timesteps(steps)
     scheduler.timesteps = ddim_timesteps(timesteps, steps)

@@ -117,7 +117,7 @@ def cached_judge(
     """Load the judge for ``key`` from ``cache`` or train it on ``pixels[rows]`` and store it."""
     heads = {LABEL_HEAD: scheme.n_classes, **{a.column: a.n_bins for a in scheme.attributes}}
     digest = hashlib.sha256(
-        json.dumps([key, scheme.to_dict(), epochs, seed, len(rows)], sort_keys=True).encode()
+        json.dumps([key, scheme.to_dict(), epochs, seed], sort_keys=True).encode()
     ).hexdigest()[:16]
     path = cache / f"judge-{digest}.pt"
     net = JudgeNet(pixels.shape[1], pixels.shape[-1], heads, derive_seed(seed, 0x7D6E))

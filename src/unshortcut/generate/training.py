@@ -41,7 +41,12 @@ from unshortcut.atomic import atomic_write_bytes, atomic_write_text
 from unshortcut.errors import UnshortcutError
 from unshortcut.generate.conditioning import ConditionEncoder, fit_conditions
 from unshortcut.generate.config import RESUME_FREE_FIELDS, GeneratorConfig, resolve_device
-from unshortcut.generate.diffusion import ddim_sample, sampling_scheduler, training_scheduler
+from unshortcut.generate.diffusion import (
+    ddim_sample,
+    sampling_scheduler,
+    training_scheduler,
+    training_target,
+)
 from unshortcut.generate.model import ConditionalUNet, check_input_size
 from unshortcut.generate.scaling import PixelScaling, masks_forward
 from unshortcut.tiling.patchset import PatchSet
@@ -52,7 +57,8 @@ LAST_CHECKPOINT = "checkpoints/last.pt"
 WEIGHTS_FILE = "generator.pt"
 # Validation rows whose denoising loss is tracked each epoch (fixed noise and steps).
 VAL_ROWS = 256
-# Random streams (the last seed word) so that nothing shares draws.
+# Derived seeds are (seed, _STREAMS, stream, ...): never equal to an epoch's (seed, epoch).
+_STREAMS = 0x6E4
 _INIT, _TRAIN, _VAL, _SAMPLE = 0, 1, 2, 3
 
 
@@ -107,13 +113,15 @@ class Generator:
             raise UnshortcutError(f"--steps: must be in 1..{self.config.timesteps}, got {steps}")
         if scale < 0:
             raise UnshortcutError(f"--guidance: must be at least 0, got {scale}")
-        scheduler = sampling_scheduler(self.config.timesteps, self.config.schedule, steps)
+        scheduler = sampling_scheduler(
+            self.config.timesteps, self.config.schedule, steps, self.config.prediction
+        )
         size, batch = self.input_size, self.config.sample_batch
         out = np.empty((len(conditions), self.channels, size, size), np.float32)
         self.model.eval()
         for b, start in enumerate(range(0, len(conditions), batch)):
             stop = min(start + batch, len(conditions))
-            generator = torch.Generator().manual_seed(derive_seed(seed, b, _SAMPLE))
+            generator = torch.Generator().manual_seed(derive_seed(seed, _STREAMS, _SAMPLE, b))
             noise = torch.randn((stop - start, self.channels, size, size), generator=generator)
             c = torch.from_numpy(np.asarray(conditions[start:stop], np.float32))
             x = ddim_sample(self.model, c.to(self.device), noise.to(self.device), scheduler, scale)
@@ -245,7 +253,7 @@ def _threads(count: int | None) -> Iterator[None]:
 def _new_model(channels: int, encoder: ConditionEncoder, config: GeneratorConfig) -> nn.Module:
     """A fresh denoiser; its initial weights depend only on the seed."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, _INIT))
+        torch.manual_seed(derive_seed(config.seed, _STREAMS, _INIT))
         return ConditionalUNet(channels, encoder.conditions, config)
 
 
@@ -312,7 +320,7 @@ def train_generator(
         _write_history(run, history)
         (run / WEIGHTS_FILE).unlink(missing_ok=True)  # stale once training continues
 
-        noising = training_scheduler(config.timesteps, config.schedule)
+        noising = training_scheduler(config.timesteps, config.schedule, config.prediction)
         for epoch in range(start, config.epochs):
             began = time.perf_counter()
             loss = _train_epoch(
@@ -359,7 +367,7 @@ def _train_epoch(
 ) -> float:
     """One pass over the real training rows; returns the mean step loss."""
     rng = np.random.default_rng([config.seed, epoch])
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, _TRAIN))
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, _STREAMS, _TRAIN, epoch))
     order = rng.permutation(len(data))
     batches = [order[s : s + config.batch_size] for s in range(0, len(order), config.batch_size)]
     model.train()
@@ -373,7 +381,8 @@ def _train_epoch(
         noise = torch.randn(x0.shape, generator=generator)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         x_t = noising.add_noise(x0, noise, t)
-        loss = nn.functional.mse_loss(model(x_t, t, conditions.to(device)), noise)
+        target = training_target(noising, x0, noise, t)
+        loss = nn.functional.mse_loss(model(x_t, t, conditions.to(device)), target)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise UnshortcutError(
@@ -399,7 +408,7 @@ def _validation_loss(
     """Denoising loss of the EMA model on fixed validation rows, noise and time steps."""
     if not len(val):
         return None
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, _VAL))
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, _STREAMS, _VAL))
     x0 = val.load(np.arange(len(val)))
     t = torch.randint(0, config.timesteps, (len(val),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
@@ -408,9 +417,10 @@ def _validation_loss(
     total = 0.0
     for s in range(0, len(val), config.batch_size):
         part = slice(s, s + config.batch_size)
-        x_t = noising.add_noise(x0[part].to(device), noise[part].to(device), t[part].to(device))
-        eps = model(x_t, t[part].to(device), conditions[part].to(device))
-        total += float(nn.functional.mse_loss(eps, noise[part].to(device), reduction="sum"))
+        x, n, steps = x0[part].to(device), noise[part].to(device), t[part].to(device)
+        output = model(noising.add_noise(x, n, steps), steps, conditions[part].to(device))
+        target = training_target(noising, x, n, steps)
+        total += float(nn.functional.mse_loss(output, target, reduction="sum"))
     return total / noise.numel()
 
 
