@@ -72,8 +72,9 @@ def figure(sets: PatchSet, scaling: PixelScaling, quality: dict[str, Any], path:
 
     table = sets.table
     groups = list(quality["groups"])
-    fig = Figure(figsize=(8, 2.1 * len(groups)))
+    fig = Figure(figsize=(8, 2.3 * len(groups)))
     axes = fig.subplots(2 * len(groups), 8, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.97, bottom=0.01, wspace=0.05, hspace=0.3)
     tissue = table["tissue_ratio"].to_numpy() >= 0.5
     label = table["label"].to_numpy()
     synthetic = table["synthetic"].to_numpy()
@@ -92,7 +93,6 @@ def figure(sets: PatchSet, scaling: PixelScaling, quality: dict[str, Any], path:
             axes[2 * g + r][0].set_title(
                 f"{name}: {'generated' if r == 0 else 'real'}", fontsize=8, loc="left"
             )
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
@@ -190,7 +190,7 @@ def main() -> None:
         "settings": {
             "preset": "cpu",
             "epochs": config.epochs,
-            "config": config.to_json_dict() | {"patches": str(patches), "out": str(run)},
+            "config": config.to_json_dict() | {"patches": str(patches), "out": _shown(run)},
             "count_per_group": args.count,
             "sampling_seeds": args.seeds,
             "threads": args.threads,
@@ -205,6 +205,14 @@ def main() -> None:
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result_json, indent=1) + "\n")
     print_table(rows)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT.parent))
+    except ValueError:
+        return str(path)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
