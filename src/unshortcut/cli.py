@@ -302,6 +302,9 @@ def train_command(
     channels_last: str | None = typer.Option(
         None, "--channels-last", help="auto, on or off (default: auto = on CUDA)."
     ),
+    tensorboard: bool | None = typer.Option(
+        None, "--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -336,6 +339,7 @@ def train_command(
         device=device,
         precision=precision,
         channels_last=channels_last,
+        tensorboard=tensorboard,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

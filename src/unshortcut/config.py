@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
         "auto", description="channels-last memory format for model and batches; auto: on CUDA"
     )
     prefetch: bool = True
+    tensorboard: bool = Field(False, description="also write TensorBoard event files")
 
     @field_validator("patches")
     @classmethod
@@ -91,7 +92,7 @@ class TrainConfig(BaseModel):
 
 
 # Fields that may differ when resuming: they change where and how fast, not what.
-RESUME_FREE_FIELDS = frozenset({"device", "num_threads", "prefetch", "out"})
+RESUME_FREE_FIELDS = frozenset({"device", "num_threads", "prefetch", "out", "tensorboard"})
 
 
 def load_config(file: Path | None = None, **flags: Any) -> TrainConfig:

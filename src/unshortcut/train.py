@@ -37,6 +37,7 @@ from unshortcut.atomic import atomic_directory
 from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData, augmentation_generator
 from unshortcut.errors import UnshortcutError
+from unshortcut.event_log import EventLog
 from unshortcut.inference import (
     RunData,
     features,
@@ -518,12 +519,14 @@ def _run_main_epochs(
     on_epoch_end: Callable[[int], None] | None,
 ) -> None:
     config = ctx.config
-    with _Progress(progress) as bar:
+    events = EventLog(run / "tensorboard", config.tensorboard and distributed.is_main())
+    with _Progress(progress) as bar, events:
         epochs_task = bar.task("epochs", config.epochs, completed=state.start)
         steps_task = [bar.task(f"epoch {state.start}", method.steps_per_epoch())]
 
         def after_epoch(end: EpochEnd) -> None:
             val = ctx.validation_metrics(model)
+            events.epoch(end.epoch, end.terms, end.lr, val)
             line: dict[str, Any] = {
                 "epoch": end.epoch,
                 "train_loss": end.terms["loss"],
