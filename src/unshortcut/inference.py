@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from unshortcut import distributed
 from unshortcut.data import Normalization, SplitData, channel_stats
 from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
@@ -33,6 +34,7 @@ from unshortcut.metrics import (
     segmentation_metrics,
 )
 from unshortcut.models import ModelOutput
+from unshortcut.models.decoder import UNetDecoder
 from unshortcut.rows import GroupedSplit
 from unshortcut.tiling.patchset import PatchSet
 
@@ -63,6 +65,8 @@ class RunData:
     tables: dict[str, pd.DataFrame]
     splits: dict[str, GroupedSplit]
     loaders: dict[str, SplitData]
+    channels_last: bool = False
+    """Batches in channels-last memory format (what the run's model was set up for)."""
 
     @property
     def source(self) -> str:
@@ -97,6 +101,7 @@ class RunData:
             grouped,
             self.normalization,
             self.device,
+            self.channels_last,
         )
 
 
@@ -111,6 +116,7 @@ def load_run_data(
     scheme: GroupScheme | None = None,
     normalization: Normalization | None = None,
     robust_bins: list[list[int]] | None = None,
+    channels_last: bool = False,
 ) -> RunData:
     """Open a patch set and prepare ``splits``.
 
@@ -122,13 +128,14 @@ def load_run_data(
     patchset = PatchSet.open(patches)
     data = RunData(
         patchset,
-        scheme,
-        normalization,
-        robust_bins,
+        scheme,  # type: ignore[arg-type]  (fitted below when None)
+        normalization,  # type: ignore[arg-type]
+        robust_bins,  # type: ignore[arg-type]
         device,
-        {},
-        {},
-        {},  # type: ignore[arg-type]
+        tables={},
+        splits={},
+        loaders={},
+        channels_last=channels_last,
     )
     train_source = f"{data.source} (train split)"
     if scheme is None or normalization is None or robust_bins is None:
@@ -160,27 +167,45 @@ def load_run_data(
 
 @torch.no_grad()
 def _forward_all(
-    model: nn.Module, loader: SplitData, pick: Callable[[ModelOutput], torch.Tensor], prefetch: bool
+    model: nn.Module,
+    loader: SplitData,
+    pick: Callable[[ModelOutput], torch.Tensor],
+    prefetch: bool,
+    bf16: bool,
 ) -> np.ndarray:
+    """``pick`` of the model's outputs for every row, in order, in eval mode (under bf16
+    autocast when ``bf16``).
+
+    Under data parallelism each rank scores a contiguous block of rows and the blocks are
+    gathered, so every rank returns every row.
+    """
     was_training = model.training
     model.eval()
-    out = [pick(model.outputs(batch.x)).cpu() for batch in loader.sequential(EVAL_BATCH, prefetch)]
+    rows = distributed.contiguous_share(len(loader))
+    out = []
+    for batch in loader.sequential(EVAL_BATCH, prefetch, rows=rows):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(pick(model.outputs(batch.x)).cpu())
     model.train(was_training)
-    return torch.cat(out).numpy()
+    return distributed.gather_rows(torch.cat(out).numpy() if out else None)
 
 
-def log_probabilities(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+def log_probabilities(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> np.ndarray:
     """Class log-probabilities ``(N, K)`` of every row, in order, in float64.
 
     Computed from the logits in float64, so the per-row cross-entropy (and the mean
     loss in metrics.json) can be recomputed exactly from the stored probabilities.
     """
     return _forward_all(
-        model, loader, lambda out: torch.log_softmax(out.logits.double(), dim=1), prefetch
+        model, loader, lambda out: torch.log_softmax(out.logits.double(), dim=1), prefetch, bf16
     )
 
 
-def features(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+def features(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> np.ndarray:
     """Penultimate features ``(N, D)`` of every row, in order."""
 
     def pick(out: ModelOutput) -> torch.Tensor:
@@ -188,7 +213,7 @@ def features(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.n
             raise UnshortcutError("the model exposes no features (ModelOutput.features)")
         return out.features.float()
 
-    return _forward_all(model, loader, pick, prefetch)
+    return _forward_all(model, loader, pick, prefetch, bf16)
 
 
 @dataclass
@@ -214,20 +239,36 @@ def pixel_counts(pixel_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
     )
 
 
+def predicts_pixels(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a wrapper holds) has a pixel decoder."""
+    return any(isinstance(m, UNetDecoder) for m in model.modules())
+
+
 @torch.no_grad()
-def infer(model: nn.Module, loader: SplitData, prefetch: bool = True) -> Inference:
-    """Log-probabilities of every row and, where the model gives pixel logits, the pixel
-    counts of its map against the stored masks; streamed per batch (no map is kept)."""
+def infer(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> Inference:
+    """Log-probabilities of every row and, where the model predicts a pixel map, the
+    pixel counts of its map against the stored masks; streamed per batch (no map is
+    kept). Masks are read only for pixel-map models. Rows are shared out and gathered as
+    in :func:`log_probabilities`, so every rank returns every row.
+    """
     was_training = model.training
     model.eval()
+    with_masks = predicts_pixels(model) and loader.masks is not None
+    rows = distributed.contiguous_share(len(loader))
     log_probs, counts = [], []
-    for batch in loader.sequential(EVAL_BATCH, prefetch, with_masks=True):
-        out = model.outputs(batch.x)
+    for batch in loader.sequential(EVAL_BATCH, prefetch, rows=rows, with_masks=with_masks):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.outputs(batch.x)
         log_probs.append(torch.log_softmax(out.logits.double(), dim=1).cpu())
-        if out.pixel_logits is not None and batch.mask is not None:
+        if with_masks:
             counts.append(pixel_counts(out.pixel_logits, batch.mask).cpu())
     model.train(was_training)
-    return Inference(torch.cat(log_probs).numpy(), torch.cat(counts).numpy() if counts else None)
+    gathered = distributed.gather_rows(torch.cat(log_probs).numpy() if log_probs else None)
+    if not with_masks:
+        return Inference(gathered)
+    return Inference(gathered, distributed.gather_rows(torch.cat(counts).numpy() if counts else None))
 
 
 @torch.no_grad()

@@ -190,8 +190,12 @@ class SpatialClassifier(nn.Module):
             pixel_logits=torch.stack([torch.zeros_like(pixel), pixel], dim=1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outputs(x).logits
+    def forward(self, x: torch.Tensor, outputs: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits, or with ``outputs`` the whole :class:`ModelOutput` (as
+        :meth:`Classifier.forward <unshortcut.models.registry.Classifier.forward>`: the
+        form a data-parallel wrapper passes through)."""
+        out = self.outputs(x)
+        return out if outputs else out.logits
 
     def last_layer(self) -> nn.Linear | None:
         return None
