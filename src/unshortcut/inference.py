@@ -265,10 +265,11 @@ def infer(
         if with_masks:
             counts.append(pixel_counts(out.pixel_logits, batch.mask).cpu())
     model.train(was_training)
-    gathered = distributed.gather_rows(torch.cat(log_probs).numpy() if log_probs else None)
-    if not with_masks:
-        return Inference(gathered)
-    return Inference(gathered, distributed.gather_rows(torch.cat(counts).numpy() if counts else None))
+
+    def gathered(blocks: list[torch.Tensor]) -> np.ndarray:
+        return distributed.gather_rows(torch.cat(blocks).numpy() if blocks else None)
+
+    return Inference(gathered(log_probs), gathered(counts) if with_masks else None)
 
 
 @torch.no_grad()
