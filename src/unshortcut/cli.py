@@ -254,6 +254,26 @@ def train_command(
     model: str | None = typer.Option(
         None, "--model", help="small_cnn, resnet18/34/50, or timm:<name> (default: small_cnn)."
     ),
+    pretrained: str | None = typer.Option(
+        None,
+        "--pretrained",
+        help="Start from pretrained weights: a checkpoint file (.pth/.safetensors, "
+        "torchvision- or timm-style ResNet state dict), a hub name (hf-hub:org/repo), or "
+        "imagenet (needs a reachable hub) (default: none).",
+    ),
+    hed_jitter: float | None = typer.Option(
+        None,
+        "--hed-jitter",
+        help="HED stain augmentation strength (scale and shift of each stain; 0.05 light, "
+        "0.2 strong); RGB brightfield (H&E) patch sets only (default: 0, off).",
+    ),
+    stain_normalization: str | None = typer.Option(
+        None,
+        "--stain-normalization",
+        help="none, macenko or reinhard: map every patch onto the training split's stain "
+        "(fitted on training patches, applied alike at validation, test, evaluate and "
+        "predict); RGB brightfield only (default: none).",
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 0.01)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
     hp: list[str] | None = typer.Option(
@@ -295,6 +315,9 @@ def train_command(
         seed=seed,
         epochs=epochs,
         model=model,
+        pretrained=pretrained,
+        hed_jitter=hed_jitter,
+        stain_normalization=stain_normalization,
         lr=lr,
         batch_size=batch_size,
         hp=parse_hp(hp) if hp else None,

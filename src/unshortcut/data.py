@@ -25,6 +25,7 @@ import torch
 
 from unshortcut.prefetch import prefetched
 from unshortcut.rows import Batch, GroupedSplit
+from unshortcut.stain import HedJitter, StainNormalizer
 
 # Rows per chunk when streaming statistics or predictions over a split.
 CHUNK_ROWS = 1024
@@ -32,25 +33,36 @@ CHUNK_ROWS = 1024
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel ``(x - mean) / std`` in the pixel store's units.
+    """What turns stored pixels into model input: an optional stain normalisation, then
+    per-channel ``(x - mean) / std``.
 
-    Computed on the training split only (never val/test) and stored in the run, so a
-    run scores any other patch set with the statistics it was trained with.
+    Both are fitted on the training split only (never val/test) and stored in the run,
+    so a run scores any other patch set exactly as it saw its own. The channel
+    statistics describe the stain-normalised pixels when there is a ``stain`` step.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    stain: StainNormalizer | None = None
 
     @classmethod
     def identity(cls, channels: int) -> Normalization:
         return cls((0.0,) * channels, (1.0,) * channels)
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": list(self.mean), "std": list(self.std)}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mean": list(self.mean), "std": list(self.std)}
+        if self.stain is not None:
+            data["stain"] = self.stain.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalization:
-        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+        stain = data.get("stain")
+        return cls(
+            tuple(float(v) for v in data["mean"]),
+            tuple(float(v) for v in data["std"]),
+            None if stain is None else StainNormalizer.from_dict(stain, "run normalisation"),
+        )
 
 
 def channel_stats(pixels: np.ndarray, rows: np.ndarray, chunk: int = CHUNK_ROWS) -> Normalization:
@@ -91,12 +103,32 @@ class Augmentation:
     a per-channel intensity ``x * scale + shift`` with ``scale ~ U(1 - s, 1 + s)`` and
     ``shift ~ U(-t, t)`` in normalised units. Spatial transforms are applied to the
     tumor masks too, so masks stay aligned with their patches.
+
+    ``stain`` (HED jitter, RGB brightfield only) acts on raw pixels, before the
+    per-channel normalisation: :meth:`before_normalization`. It draws from the same
+    generator first, so a batch still depends only on the generator's state.
     """
 
     flips: bool = True
     rotations: bool = True
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
+    stain: HedJitter | None = None
+
+    @classmethod
+    def for_training(cls, augment: bool, hed_jitter: float) -> Augmentation | None:
+        """The training setting: ``augment`` turns on the geometric and intensity part,
+        ``hed_jitter > 0`` the HED jitter of that strength (scale and shift)."""
+        stain = HedJitter(hed_jitter, hed_jitter) if hed_jitter > 0 else None
+        if augment:
+            return cls(stain=stain)
+        if stain is not None:
+            return cls(False, False, 0.0, 0.0, stain)
+        return None
+
+    def before_normalization(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The stain jitter of raw pixels (0..255); the identity without one."""
+        return x if self.stain is None else self.stain(x, generator)
 
     def __call__(
         self, x: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
@@ -153,7 +185,9 @@ class SplitData:
 
     ``rows`` are the split's pixel-store positions; ``split`` holds its labels,
     attribute bins and groups in the same order, so ``Batch.index`` are row numbers of
-    this split (what methods index their ``GroupedSplit`` arrays with).
+    this split (what methods index their ``GroupedSplit`` arrays with). ``stain``
+    normalises each batch's raw pixels first; it is None when ``pixels`` is already a
+    stain-normalised copy of the store.
     """
 
     def __init__(
@@ -164,6 +198,7 @@ class SplitData:
         split: GroupedSplit,
         normalization: Normalization,
         device: torch.device,
+        stain: StainNormalizer | None = None,
     ) -> None:
         if len(rows) != len(split):
             raise ValueError(f"{len(rows)} pixel rows for a split of {len(split)} patches")
@@ -172,6 +207,7 @@ class SplitData:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.split = split
         self.device = device
+        self.stain = stain
         mean = torch.tensor(normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
         inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
         # (x - mean) / std as one fused x * inv_std + bias pass.
@@ -204,15 +240,19 @@ class SplitData:
     ) -> Batch:
         """The batch of split rows ``index`` on the CPU (augmented when given one)."""
         index = np.asarray(index, dtype=np.int64)
+        if augmentation is not None and generator is None:
+            raise ValueError("augmentation needs a seeded generator")
         x = torch.from_numpy(self._read(self.pixels, index).astype(np.float32, copy=False))
+        if self.stain is not None:
+            x = self.stain.as_stored(x)
+        if augmentation is not None:
+            x = augmentation.before_normalization(x, generator)  # type: ignore[arg-type]
         x = torch.addcmul(self._bias, x, self._inv_std)
         mask = None
         if with_masks and self.masks is not None:
             mask = torch.from_numpy(self._read(self.masks, index)).float().div_(255)
         if augmentation is not None:
-            if generator is None:
-                raise ValueError("augmentation needs a seeded generator")
-            x, mask = augmentation(x, mask, generator)
+            x, mask = augmentation(x, mask, generator)  # type: ignore[arg-type]
         t = torch.from_numpy(index)
         attribute = self._attributes[t]
         y = self._labels[t]
