@@ -55,6 +55,14 @@ class Normalization:
             data["stain"] = self.stain.to_dict()
         return data
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 / std, -mean / std)`` as (1, C, 1, 1) float32 tensors: ``(x - mean) / std``
+        is then one fused ``torch.addcmul(bias, x, inv_std)``, the same arithmetic
+        wherever a run's input is prepared (batches, ``predict``)."""
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
+        inv_std = 1 / torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
+        return inv_std.float(), (-mean * inv_std).float()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalization:
         stain = data.get("stain")
@@ -208,11 +216,7 @@ class SplitData:
         self.split = split
         self.device = device
         self.stain = stain
-        mean = torch.tensor(normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
-        inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
-        # (x - mean) / std as one fused x * inv_std + bias pass.
-        self._inv_std = inv_std.float()
-        self._bias = (-mean * inv_std).float()
+        self._inv_std, self._bias = normalization.affine()
         self._labels = torch.from_numpy(split.labels.astype(np.int64))
         self._attributes = torch.from_numpy(split.attributes.astype(np.int64))
         self._bins = torch.from_numpy(split.bins.astype(np.int64))
