@@ -211,7 +211,7 @@ def test_geojson_is_valid_with_level0_coordinates(predicted: Path) -> None:
         == table["prediction"].sum()
     )
     for name in ("overlay.png", "shaky.png"):
-        assert max(Image.open(predicted / name).size) == 300
+        assert 200 < max(Image.open(predicted / name).size) <= 300
 
 
 @pytest.mark.slow

@@ -270,6 +270,7 @@ def _predict_image(
             canvas = maps.Canvas.fit(
                 maps.fit_extent(thumbnail.shape[:2], thumbnail_downsample),
                 options.thumbnail_side,
+                finest=thumbnail_downsample,
             )
             keep = measured.tissue_ratio >= tiling.min_tissue
             scores, pixel_map = _score_all(

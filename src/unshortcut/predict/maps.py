@@ -37,10 +37,11 @@ class Canvas:
     downsample: float
 
     @classmethod
-    def fit(cls, extent: tuple[int, int], longest_side: int) -> Canvas:
+    def fit(cls, extent: tuple[int, int], longest_side: int, finest: float = 1.0) -> Canvas:
         """A canvas over a level-0 ``extent`` (h, w) whose longer side is at most
-        ``longest_side`` pixels (never finer than level 0)."""
-        downsample = max(1.0, max(extent) / longest_side)
+        ``longest_side`` pixels and no finer than ``finest`` level-0 pixels per pixel
+        (the thumbnail's: upsampling it would add pixels, not detail)."""
+        downsample = max(1.0, finest, max(extent) / longest_side)
         shape = (max(1, round(extent[0] / downsample)), max(1, round(extent[1] / downsample)))
         return cls(shape, downsample)
 
@@ -122,17 +123,23 @@ class PixelMapAccumulator:
 
 
 def overlay(base: np.ndarray, values: np.ndarray, colors: str) -> np.ndarray:
-    """``base`` (h, w, 3) uint8 with ``values`` in [0, 1] (NaN: untouched) blended over it."""
-    lut = colormaps[colors]
+    """``base`` (h, w, 3) uint8 with ``values`` in [0, 1] (NaN: untouched) blended over it.
+
+    Colours come from a 256-entry table of the colour map, so the cost is a gather over
+    the scored pixels only.
+    """
+    table = colormaps[colors](np.linspace(0, 1, 256))[:, :3].astype(np.float32) * 255
     defined = np.isfinite(values)
-    rgba = lut(np.clip(np.nan_to_num(values), 0, 1))[..., :3] * 255
-    blended = base.astype(np.float32)
-    blended[defined] = (1 - ALPHA) * blended[defined] + ALPHA * rgba[defined]
-    return (blended + 0.5).astype(np.uint8)
+    index = np.round(np.clip(values[defined], 0, 1) * 255).astype(np.int64)
+    out = base.copy()
+    mixed = (1 - ALPHA) * base[defined].astype(np.float32) + ALPHA * table[index]
+    out[defined] = (mixed + 0.5).astype(np.uint8)
+    return out
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
-    Image.fromarray(rgb).save(path, format="PNG")
+    """A PNG with fast compression (an overlay is written once, read by a person)."""
+    Image.fromarray(rgb).save(path, format="PNG", compress_level=1)
 
 
 def fit_extent(thumbnail_shape: tuple[int, int], thumbnail_downsample: float) -> tuple[int, int]:
