@@ -28,6 +28,7 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.inference import load_run_data, log_probabilities
 from unshortcut.io.annotation_classes import AnnotationClasses
 from unshortcut.io.annotations import read_annotations
+from unshortcut.models import ModelOutput
 from unshortcut.predict import PredictOptions, predict
 from unshortcut.predict.core import tiling_of
 from unshortcut.runs import load_model, open_run
@@ -300,3 +301,38 @@ def test_large_tiled_tiff_is_predicted_with_bounded_memory(slides: Path, tmp_pat
     assert report["grid"] == (LARGE // 128) ** 2
     assert report["scored"] > 1000
     assert report["growth_mb"] < 0.2 * decoded_mb, report
+
+
+class _WithPixelMap(torch.nn.Module):
+    """The run's model plus a pixel decoder that predicts the patch's logits everywhere."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def outputs(self, x: torch.Tensor) -> ModelOutput:
+        out = self.model.outputs(x)
+        pixel = out.logits[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        return ModelOutput(out.logits, out.features, pixel)
+
+
+@pytest.mark.slow
+def test_models_with_a_pixel_decoder_get_a_pixel_map(
+    level1_run: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unshortcut.predict import core
+
+    monkeypatch.setattr(core, "load_model", lambda *a, **k: _WithPixelMap(load_model(*a, **k)))
+    image = slides / "new" / "images" / "new.tif"
+    (result,) = predict(level1_run, [image], tmp_path, PredictOptions(thumbnail_side=300))
+    pixel_map = tifffile.imread(result.folder / "pixel_probability.tif")
+    assert pixel_map.dtype == np.float32
+    assert pixel_map.shape[::-1] == Image.open(result.folder / "overlay.png").size
+    assert np.nanmin(pixel_map) >= 0 and np.nanmax(pixel_map) <= 1
+    # Each patch's pixels carry its own probability: at every patch centre, its score.
+    table = pd.read_parquet(result.folder / "predictions.parquet")
+    scale = 1536 / pixel_map.shape[1]
+    rows = ((table["y"] + 32) / scale).astype(int)
+    cols = ((table["x"] + 32) / scale).astype(int)
+    np.testing.assert_allclose(pixel_map[rows, cols], table["score"], rtol=1e-4, atol=1e-6)
+    assert np.isfinite(pixel_map).sum() == pytest.approx(len(table) * (64 / scale) ** 2, rel=0.1)
