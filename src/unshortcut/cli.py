@@ -598,7 +598,7 @@ def predict_command(
     min_tissue: float | None = typer.Option(
         None,
         "--min-tissue",
-        help="Score patches with at least this tissue ratio [default: the run's patch set's].",
+        help="Score patches with at least this tissue ratio (default: the run's patch set's).",
     ),
     criterion: str | None = typer.Option(
         None, "--criterion", help="Which selected checkpoint (default: the run's primary)."
