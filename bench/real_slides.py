@@ -319,9 +319,36 @@ def run_setting(
             )  # fmt: skip
             start = time.perf_counter()
             train(config, overwrite=True, progress=False)
-            print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            seconds = time.perf_counter() - start
+            record_seconds(out, seconds)
+            print(f"{name} seed {seed}: {seconds:.0f} s", flush=True)
         runs.append(out)
     return runs
+
+
+def record_seconds(run: Path, seconds: float) -> None:
+    """Training wall time per run, kept beside the runs (reused runs keep theirs)."""
+    path = WORK / "run-seconds.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[str(run.relative_to(WORK))] = seconds
+    atomic_write_text(path, json.dumps(times, indent=2) + "\n")
+
+
+def run_seconds(run: Path) -> float | None:
+    path = WORK / "run-seconds.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    return times.get(str(run.relative_to(WORK)))
+
+
+def pretraining_summary(work: Path) -> dict[str, Any]:
+    """How well the OCDC checkpoint's own task was learned (its run's metrics)."""
+    metrics = json.loads((work / "ocdc-run" / "metrics.json").read_text())
+    return {
+        "method": "cb_erm",
+        "patches": counts(work / "ocdc-patches"),
+        **{split: {key: metrics[split][key] for key in ("balanced_accuracy", "auroc")}
+           for split in ("val", "test")},
+    }  # fmt: skip
 
 
 def summarize(name: str, changes: dict[str, Any], runs: list[Path]) -> dict[str, Any]:
@@ -335,6 +362,14 @@ def summarize(name: str, changes: dict[str, Any], runs: list[Path]) -> dict[str,
         "criterion": "worst_group_accuracy",
         "runs": [str(r) for r in runs],
         **{key: mean_std([t.get(key) for t in tests]) for key in METRICS},
+        "train_seconds": mean_std([run_seconds(r) for r in runs]),
+        "test_groups": {
+            group: {
+                "n": tests[0]["groups"][group]["n"],
+                "accuracy": mean_std([t["groups"][group]["accuracy"] for t in tests]),
+            }
+            for group in tests[0]["groups"]
+        },
     }
 
 
@@ -353,8 +388,13 @@ def _pct(stat: dict[str, Any]) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
+def _training_minutes(rows: list[dict[str, Any]]) -> float:
+    return sum(v for row in rows for v in row["train_seconds"]["values"] if v) / 60
+
+
 def markdown(result: dict[str, Any]) -> str:
     c = result["counts"]
+    runs = sum(len(row["runs"]) for row in result["rows"])
     lines = [
         "| setting | test BCA | test WGA | test AUROC | test robust AUROC |",
         "|---|---|---|---|---|",
@@ -372,7 +412,8 @@ def markdown(result: dict[str, Any]) -> str:
             *lines,
             "",
             f"Per-seed values: `bench/results/real_slides.json`. Command: `{result['command']}`",
-            f"({result['machine']}; {result['wall']}).",
+            f"({result['machine']}; this invocation {result['wall']}; training "
+            f"{_training_minutes(result['rows']):.0f} min over {runs} runs, timed when run).",
         ]
     )
 
@@ -402,6 +443,7 @@ def main() -> None:
                      "input_size": PATCHES.input_size, "cell_px": CELL,
                      "layouts_min_tumor_share": MIN_TUMOR_SHARE},
         "counts": counts(patches),
+        "pretraining": pretraining_summary(WORK),
         "rows": rows,
         "command": "python bench/real_slides.py "
         + f"--epochs {args.epochs} --seeds {args.seeds} --threads {args.threads}",
