@@ -164,11 +164,8 @@ def _pretrained_digest(pretrained: bool | str) -> dict[str, str]:
     """``{"pretrained_sha256": ...}`` for a checkpoint file, else nothing (hub names,
     True/False). Only recorded: loading a finished run never reads the file again."""
     if isinstance(pretrained, str) and Path(pretrained).is_file():
-        digest = hashlib.sha256()
         with open(pretrained, "rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        return {"pretrained_sha256": digest.hexdigest()}
+            return {"pretrained_sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
     return {}
 
 
