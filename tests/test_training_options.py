@@ -228,3 +228,20 @@ def test_one_class_warning_names_the_cause_and_the_options() -> None:
     assert "cb_erm" in text
     assert one_class_warning(labels, np.linspace(0, 1, 10), names) is None
     assert one_class_warning(np.zeros(10, int), np.full(10, 0.2), names) is None
+
+
+def test_cli_stain_options_reach_the_run(patches: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["train", str(patches), "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet",
+         "--hed-jitter", "0.05", "--stain-normalization", "reinhard", "--batch-size", "32"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["hed_jitter"] == 0.05
+    assert saved["stain_normalization"] == "reinhard"
+    assert saved["normalization"]["stain"]["method"] == "reinhard"
+    bad = CliRunner().invoke(
+        app, ["train", str(patches), "--out", str(tmp_path / "r2"), "--hed-jitter", "1.5"]
+    )
+    assert bad.exit_code == 2 and "hed_jitter" in bad.output
