@@ -13,8 +13,9 @@ so that it cannot lean on pixels outside it. The model here keeps the run's back
   has no BatchNorm: a batch-independent backbone such as ``small_cnn_gn`` keeps the
   whole model batch-independent, so data-parallel ranks equal one process); a 1x1
   convolution gives one tumor log-odds per pixel at half the input resolution
-  (``OUTPUT_STRIDE``), upsampled to the input size. Stages finer than that are not decoded: on a CPU the full-resolution level
-  made a small_cnn step 1.6x slower (111 vs 71 ms at 32 px, batch 64; plain ERM 45 ms).
+  (``OUTPUT_STRIDE``), upsampled to the input size. Stages finer than that are not
+  decoded: on a CPU the full-resolution level made a small_cnn step 1.6x slower (111 vs
+  71 ms at 32 px, batch 64; plain ERM 45 ms).
   Nearest upsampling keeps the backward pass deterministic on GPUs (bilinear's is not);
 - the **patch score** aggregates the pixel probabilities (``aggregate_logit``): the
   patch's tumor logit is the logit of the aggregated probability, so the class logits
