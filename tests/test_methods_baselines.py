@@ -44,6 +44,10 @@ def test_registry_and_attribute_needs() -> None:
         "jtt": False,
         "dfr": False,
         "lff": False,
+        "spatial-mask": False,
+        "spatial-box": False,
+        "spatial-mask+gerne": True,
+        "spatial-mask+reweight": True,
     }
     assert get_method("dfr").uses_val_attributes({"balance": "group"})
     assert not get_method("dfr").uses_val_attributes({"balance": "class"})

@@ -356,11 +356,16 @@ class SplitData:
             yield self.finish(moved, augmentation, generator, part)
 
     def sequential(
-        self, batch_size: int, prefetch: bool = True, rows: slice | None = None
+        self,
+        batch_size: int,
+        prefetch: bool = True,
+        rows: slice | None = None,
+        with_masks: bool = False,
     ) -> Iterator[Batch]:
-        """``rows`` (default every row) once, in order, without augmentation or masks, in
-        batches read whole on every rank (for prediction; ranks split rows themselves)."""
+        """``rows`` (default every row) once, in order, without augmentation, in batches
+        read whole on every rank (for prediction; ranks split rows themselves); masks only
+        when asked for (scoring pixel maps)."""
         selected = np.arange(len(self))[rows or slice(None)]
         starts = range(0, len(selected), batch_size)
         index = (selected[s : s + batch_size] for s in starts)
-        return self.batches(index, prefetch=prefetch, with_masks=False, shard=False)
+        return self.batches(index, prefetch=prefetch, with_masks=with_masks, shard=False)

@@ -18,8 +18,8 @@ from rich.table import Table
 from unshortcut.atomic import atomic_directory
 from unshortcut.errors import UnshortcutError
 from unshortcut.inference import (
+    infer,
     load_run_data,
-    log_probabilities,
     predictions_table,
     resolve_device,
     score_split,
@@ -78,23 +78,27 @@ def evaluate_run(
         "epoch": run.metrics["selection"]["by_criterion"].get(criterion),
     }
     bf16 = run.config.uses_bf16(dev.type)
-    log_probs = {s: log_probabilities(model, data.loaders[s], bf16=bf16) for s in EVAL_SPLITS}
+    inferred = {s: infer(model, data.loaders[s], bf16=bf16) for s in EVAL_SPLITS}
     kept = (
         None if trained_on is None else np.setdiff1d(np.arange(len(data.splits["val"])), trained_on)
     )
     for s in EVAL_SPLITS:
         metrics[s] = score_split(
-            data, s, log_probs[s], bootstrap=n_boot, seed=run.config.seed,
-            rows=kept if s == "val" else None,
+            data, s, inferred[s].log_probs, bootstrap=n_boot, seed=run.config.seed,
+            rows=kept if s == "val" else None, pixel_counts=inferred[s].pixel_counts,
         )  # fmt: skip
     metrics["group_names"] = list(run.scheme.group_names)
     out = run.path / "evaluation" / (name or patches.name)
     with atomic_directory(out, overwrite=True) as folder:
         (folder / "predictions").mkdir()
         for s in EVAL_SPLITS:
-            predictions_table(data, s, log_probs[s], trained_on if s == "val" else None).to_parquet(
-                folder / "predictions" / f"{s}.parquet", index=False
-            )
+            predictions_table(
+                data,
+                s,
+                inferred[s].log_probs,
+                trained_on if s == "val" else None,
+                inferred[s].pixel_counts,
+            ).to_parquet(folder / "predictions" / f"{s}.parquet", index=False)
         write_json(folder / "metrics.json", metrics)
     return out, metrics
 

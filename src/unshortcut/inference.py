@@ -26,8 +26,15 @@ from unshortcut import distributed
 from unshortcut.data import Normalization, SplitData, channel_stats
 from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
-from unshortcut.metrics import evaluate_predictions, robust_bins_per_class
+from unshortcut.metrics import (
+    PIXEL_COUNTS,
+    evaluate_predictions,
+    patch_dice_iou,
+    robust_bins_per_class,
+    segmentation_metrics,
+)
 from unshortcut.models import ModelOutput
+from unshortcut.models.decoder import UNetDecoder
 from unshortcut.rows import GroupedSplit
 from unshortcut.stain import cached_normalized_store, check_brightfield, fit_on_patch_set
 from unshortcut.tiling.patchset import PatchSet
@@ -239,6 +246,80 @@ def features(
     return _forward_all(model, loader, pick, prefetch, bf16)
 
 
+@dataclass
+class Inference:
+    """One pass over a split: class log-probabilities and, for models that predict a
+    pixel map (and patch sets that store masks), each row's ``PIXEL_COUNTS``."""
+
+    log_probs: np.ndarray
+    """``(N, K)`` float64."""
+    pixel_counts: np.ndarray | None = None
+    """``(N, 3)`` int64: tumor, predicted and overlapping pixels, or ``None``."""
+
+
+def pixel_counts(pixel_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``PIXEL_COUNTS`` ``(B, 3)`` of tumor maps against masks, both binarised at 0.5:
+    a pixel is predicted tumor when its tumor probability is >= THRESHOLD, and is tumor
+    when at least half of it is (the mask stores the tumor fraction per input pixel)."""
+    predicted = torch.softmax(pixel_logits.double(), dim=1)[:, 1] >= THRESHOLD
+    tumor = masks >= 0.5
+    return torch.stack(
+        [tumor.sum(dim=(1, 2)), predicted.sum(dim=(1, 2)), (tumor & predicted).sum(dim=(1, 2))],
+        dim=1,
+    )
+
+
+def predicts_pixels(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a wrapper holds) has a pixel decoder."""
+    return any(isinstance(m, UNetDecoder) for m in model.modules())
+
+
+@torch.no_grad()
+def infer(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> Inference:
+    """Log-probabilities of every row and, where the model predicts a pixel map, the
+    pixel counts of its map against the stored masks; streamed per batch (no map is
+    kept). Masks are read only for pixel-map models. Rows are shared out and gathered as
+    in :func:`log_probabilities`, so every rank returns every row.
+    """
+    was_training = model.training
+    model.eval()
+    with_masks = predicts_pixels(model) and loader.masks is not None
+    rows = distributed.contiguous_share(len(loader))
+    log_probs, counts = [], []
+    for batch in loader.sequential(EVAL_BATCH, prefetch, rows=rows, with_masks=with_masks):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.outputs(batch.x)
+        log_probs.append(torch.log_softmax(out.logits.double(), dim=1).cpu())
+        if with_masks:
+            counts.append(pixel_counts(out.pixel_logits, batch.mask).cpu())
+    model.train(was_training)
+
+    def gathered(blocks: list[torch.Tensor]) -> np.ndarray:
+        return distributed.gather_rows(torch.cat(blocks).numpy() if blocks else None)
+
+    return Inference(gathered(log_probs), gathered(counts) if with_masks else None)
+
+
+@torch.no_grad()
+def tumor_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-pixel tumor probability ``(B, H, W)`` of normalised inputs ``(B, C, H, W)``,
+    or ``None`` for a model without a pixel decoder.
+
+    The decoder is fully convolutional, so ``H`` and ``W`` may exceed the training input
+    size: a tile of a whole image (at the run's scale: patch size / input size) gives a
+    map of its own size, without seams between patches.
+    """
+    was_training = model.training
+    model.eval()
+    out = model.outputs(x)
+    model.train(was_training)
+    if out.pixel_logits is None:
+        return None
+    return torch.softmax(out.pixel_logits.float(), dim=1)[:, 1]
+
+
 def row_losses(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Cross-entropy of every row: ``-log p(label)``."""
     return -log_probs[np.arange(len(labels)), labels]
@@ -252,8 +333,10 @@ def score_split(
     bootstrap: int,
     seed: int,
     rows: np.ndarray | None = None,
+    pixel_counts: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``split`` (see unshortcut.metrics) plus the mean cross-entropy "loss".
+    """Metrics of ``split`` (see unshortcut.metrics) plus the mean cross-entropy "loss",
+    and "segmentation" (Dice, IoU per group) when ``pixel_counts`` are given.
 
     ``rows`` restricts scoring to those rows of the split (validation rows a method
     did not train on); default all.
@@ -262,6 +345,7 @@ def score_split(
     if rows is not None:
         grouped = grouped.subset(rows)
         log_probs = log_probs[rows]
+        pixel_counts = None if pixel_counts is None else pixel_counts[rows]
     metrics = evaluate_predictions(
         labels=grouped.labels,
         scores=np.exp(log_probs[:, 1]),
@@ -275,6 +359,10 @@ def score_split(
         seed=seed,
     )
     metrics["loss"] = float(row_losses(log_probs, grouped.labels).mean())
+    if pixel_counts is not None:
+        metrics["segmentation"] = segmentation_metrics(
+            pixel_counts, grouped.groups, list(data.scheme.group_names), data.patchset.input_size**2
+        )
     one_class = one_class_warning(grouped.labels, np.exp(log_probs[:, 1]), data.scheme.class_names)
     if one_class is not None:
         metrics["warnings"] = [*metrics.get("warnings", []), one_class]
@@ -304,13 +392,19 @@ def one_class_warning(
 
 
 def predictions_table(
-    data: RunData, split: str, log_probs: np.ndarray, trained_on: np.ndarray | None = None
+    data: RunData,
+    split: str,
+    log_probs: np.ndarray,
+    trained_on: np.ndarray | None = None,
+    pixel_counts: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Contract 3.4 predictions: enough to recompute every metric, the loss included.
 
     ``prediction`` is ``score >= THRESHOLD``, the rule the metrics use; ``loss`` the
     row's cross-entropy; ``trained_on`` marks rows the method fitted on (DFR's half of
-    validation), which scoring leaves out.
+    validation), which scoring leaves out. With ``pixel_counts`` (pixel-map models) also
+    the row's ``PIXEL_COUNTS`` and its ``dice`` and ``iou`` (NaN where neither the map
+    nor the mask holds tumor), from which "segmentation" recomputes.
     """
     grouped = data.splits[split]
     table = data.table(split)
@@ -320,6 +414,11 @@ def predictions_table(
     marked = np.zeros(len(grouped), dtype=bool)
     if trained_on is not None:
         marked[trained_on] = True
+    segmentation: dict[str, np.ndarray] = {}
+    if pixel_counts is not None:
+        dice, iou = patch_dice_iou(pixel_counts)
+        segmentation = dict(zip(PIXEL_COUNTS, pixel_counts.T, strict=True))
+        segmentation |= {"dice": dice, "iou": iou}
     return pd.DataFrame(
         {
             "patch_id": table["patch_id"].to_numpy(),
@@ -331,5 +430,6 @@ def predictions_table(
             "prediction": (score >= THRESHOLD).astype(np.int64),
             "loss": row_losses(log_probs, grouped.labels),
             "trained_on": marked,
+            **segmentation,
         }
     )

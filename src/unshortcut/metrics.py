@@ -436,6 +436,57 @@ def _bootstrap_warnings(
     return warnings
 
 
+PIXEL_COUNTS: tuple[str, ...] = ("tumor_pixels", "predicted_pixels", "overlap_pixels")
+"""Per-patch pixel counts of a tumor map against the mask (both binarised at 0.5)."""
+
+
+def patch_dice_iou(pixel_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dice ``2|P & T| / (|P| + |T|)`` and IoU ``|P & T| / |P | T|`` of every patch from
+    its ``PIXEL_COUNTS`` ``(n, 3)``; NaN where neither map holds a tumor pixel."""
+    tumor, predicted, overlap = np.asarray(pixel_counts, dtype=np.float64).T
+    union = tumor + predicted - overlap
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2 * overlap / (tumor + predicted), overlap / union
+
+
+def segmentation_metrics(
+    pixel_counts: np.ndarray,
+    groups: np.ndarray,
+    group_names: Sequence[str],
+    pixels_per_patch: int,
+) -> dict[str, Any]:
+    """Dice and IoU of the tumor map, over all patches and per group.
+
+    ``dice`` and ``iou`` pool the pixels of the patches (Dice on tumor pixels, false
+    positives in non-tumor patches included); ``mean_patch_dice`` averages the Dice of
+    the patches that hold tumor pixels, so small tumors count as much as large ones.
+    Both are ``None`` where the patches hold no tumor pixel (non-tumor groups): there,
+    ``predicted_share`` (the share of pixels predicted tumor) is what to read.
+    """
+    counts = np.asarray(pixel_counts, dtype=np.int64)
+    groups = np.asarray(groups)
+    patch_dice, _ = patch_dice_iou(counts)
+
+    def pooled(rows: np.ndarray) -> dict[str, Any]:
+        tumor, predicted, overlap = counts[rows].sum(axis=0)
+        pixels = int(rows.sum()) * pixels_per_patch
+        with_tumor = rows & (counts[:, 0] > 0)
+        return {
+            "n": int(rows.sum()),
+            "dice": _scalar(2 * overlap / (tumor + predicted)) if tumor else None,
+            "iou": _scalar(overlap / (tumor + predicted - overlap)) if tumor else None,
+            "mean_patch_dice": float(patch_dice[with_tumor].mean()) if with_tumor.any() else None,
+            "tumor_share": float(tumor / pixels) if pixels else None,
+            "predicted_share": float(predicted / pixels) if pixels else None,
+        }
+
+    return {
+        **pooled(np.ones(len(counts), dtype=bool)),
+        "threshold": 0.5,
+        "groups": {name: pooled(groups == g) for g, name in enumerate(group_names)},
+    }
+
+
 def _scalar(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 

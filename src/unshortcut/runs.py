@@ -234,15 +234,19 @@ def build_run_model(
 ) -> nn.Module:
     """The run's architecture, freshly initialised, with the method's model options.
 
-    ``pretrained`` is False where weights are loaded from the run's own checkpoints.
+    ``hp`` may leave out hyperparameters (the config's own ``hp``): the method's
+    defaults fill them in. ``pretrained`` is False where weights are loaded from the
+    run's own checkpoints.
     """
+    method = get_method(config.method)
+    resolved = {name: h.default for name, h in method.hparams.items()} | dict(hp)
     return build_model(
         config.model,
         channels,
         n_classes,
         input_size,
         pretrained=pretrained and config.pretrained,
-        **get_method(config.method).model_options(hp),
+        **method.model_options(resolved),
     )
 
 

@@ -41,6 +41,7 @@ from unshortcut.event_log import EventLog
 from unshortcut.inference import (
     RunData,
     features,
+    infer,
     load_run_data,
     log_probabilities,
     predictions_table,
@@ -672,17 +673,21 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
             if main:
                 save_checkpoint(_weights(model, method, epoch), target)
         finals[epoch] = target
-        log_probs = {s: ctx.log_probabilities(model, s) for s in ("val", "test")}
+        bf16 = config.uses_bf16(ctx.device.type)
+        inferred = {
+            s: infer(model, ctx.data.loaders[s], config.prefetch, bf16) for s in ("val", "test")
+        }
         by_epoch[epoch] = {
-            "log_probs": log_probs,
+            "inferred": inferred,
             "metrics": {
                 s: score_split(
                     ctx.data,
                     s,
-                    log_probs[s],
+                    inferred[s].log_probs,
                     bootstrap=config.bootstrap,
                     seed=config.seed,
                     rows=ctx.val_rows if s == "val" else None,
+                    pixel_counts=inferred[s].pixel_counts,
                 )
                 for s in ("val", "test")
             },
@@ -694,8 +699,13 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
     reserved = method.reserved_val_rows()
     with atomic_directory(run / "predictions", overwrite=True) as folder:
         for s in ("val", "test"):
+            inferred = chosen["inferred"][s]
             predictions_table(
-                ctx.data, s, chosen["log_probs"][s], reserved if s == "val" else None
+                ctx.data,
+                s,
+                inferred.log_probs,
+                reserved if s == "val" else None,
+                inferred.pixel_counts,
             ).to_parquet(folder / f"{s}.parquet", index=False)
     epochs = {c: int(best[c]["epoch"]) for c in config.select_by}
     metrics = {

@@ -17,6 +17,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "jtt",
     "dfr",
     "lff",
+    "spatial",
 )
 
 _REGISTRY: dict[str, type[Method]] = {}

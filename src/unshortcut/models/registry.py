@@ -3,37 +3,26 @@
 Backbone builders return ``(module, feature_dim)``; the registry wraps them in a
 :class:`Classifier` with our own linear head, so the head is the same object type
 for every architecture (MONAI's and timm's own classifier layers are dropped).
+With ``decoder=True`` the same backbone feeds a pixel decoder instead
+(:class:`~unshortcut.models.decoder.SpatialClassifier`): the patch score then comes
+from the aggregated pixel map.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.models.output import ModelOutput
 
 BackboneBuilder = Callable[[int, int, bool | str], tuple[nn.Module, int]]
 """(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D).
 
 ``pretrained``: False, True (default weights) or a checkpoint path / hub name
 (:mod:`unshortcut.models.pretrained`)."""
-
-
-@dataclass
-class ModelOutput:
-    """Everything a forward pass gives; inference and methods read what they need.
-
-    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)`` where the model has a
-    penultimate layer (DFR, probes); ``pixel_logits`` ``(B, K, S, S)`` for models that
-    predict a map (spatial supervision).
-    """
-
-    logits: torch.Tensor
-    features: torch.Tensor | None = None
-    pixel_logits: torch.Tensor | None = None
 
 
 class Classifier(nn.Module):
@@ -81,18 +70,38 @@ def model_names() -> list[str]:
 
 
 def build_model(
-    name: str, in_channels: int, n_classes: int, input_size: int, *, pretrained: bool | str = False
-) -> Classifier:
-    """A freshly initialised classifier (initialisation uses torch's global RNG)."""
+    name: str,
+    in_channels: int,
+    n_classes: int,
+    input_size: int,
+    *,
+    pretrained: bool | str = False,
+    decoder: bool = False,
+    aggregation: str = "max",
+    top_k: float = 0.05,
+) -> nn.Module:
+    """A freshly initialised classifier (initialisation uses torch's global RNG).
+
+    ``decoder``: a pixel-map model on the same backbone, whose patch tumor probability
+    aggregates its pixel probabilities by ``aggregation`` (``max``, ``topk`` over the
+    ``top_k`` share of pixels, ``mean``); two classes only (tumor vs not).
+    """
     if in_channels < 1 or n_classes < 2 or input_size < 1:
         raise UnshortcutError(
             f"model {name!r}: needs in_channels >= 1, n_classes >= 2 and input_size >= 1 "
             f"(got {in_channels}, {n_classes}, {input_size})"
         )
+    if decoder and n_classes != 2:
+        raise UnshortcutError(
+            f"model {name!r}: a pixel decoder predicts tumor vs not, so it needs 2 classes "
+            f"(got {n_classes})"
+        )
     if name.startswith("timm:"):
         from unshortcut.models import timm_nets
 
-        backbone, dim = timm_nets.build(name.removeprefix("timm:"), in_channels, pretrained)
+        backbone, dim = timm_nets.build(
+            name.removeprefix("timm:"), in_channels, pretrained, features_only=decoder
+        )
     else:
         builders = _builders()
         if name not in builders:
@@ -101,4 +110,9 @@ def build_model(
         if pretrained and name.startswith("small_cnn"):
             raise UnshortcutError(f"--model {name}: has no pretrained weights")
         backbone, dim = builders[name](in_channels, input_size, pretrained)
-    return Classifier(backbone, dim, n_classes)
+    if not decoder:
+        return Classifier(backbone, dim, n_classes)
+    from unshortcut.models.decoder import ListStages, SequentialStages, SpatialClassifier
+
+    encoder = ListStages(backbone) if name.startswith("timm:") else SequentialStages(backbone)
+    return SpatialClassifier(encoder, in_channels, input_size, aggregation, top_k)

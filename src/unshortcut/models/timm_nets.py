@@ -16,7 +16,12 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.models.pretrained import load_into, pretrained_state_dict
 
 
-def build(name: str, in_channels: int, pretrained: bool | str) -> tuple[nn.Module, int]:
+def build(
+    name: str, in_channels: int, pretrained: bool | str, features_only: bool = False
+) -> tuple[nn.Module, int]:
+    """``(net, feature dim)``; with ``features_only`` the net returns its stage maps
+    (finest first), which a pixel decoder reads, and the checkpoint's layers past the
+    last stage (its head) are dropped when loading."""
     try:
         import timm
     except ImportError:
@@ -25,16 +30,24 @@ def build(name: str, in_channels: int, pretrained: bool | str) -> tuple[nn.Modul
         ) from None
     if not (timm.is_model(name) or name.startswith("hf-hub:")):
         raise UnshortcutError(f"--model timm:{name}: timm has no model named {name!r}")
-    net = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
+    head = {"features_only": True} if features_only else {"num_classes": 0}
+    net = timm.create_model(name, pretrained=False, in_chans=in_channels, **head)
     if pretrained:
         spec = name if pretrained is True else pretrained
+        state = pretrained_state_dict(spec)
         config = net.pretrained_cfg
+        dropped = config.get("classifier")
+        if features_only:
+            present = {key.split(".")[0] for key in net.state_dict()}
+            dropped = sorted({key.split(".")[0] for key in state} - present)
         load_into(
             net,
-            pretrained_state_dict(spec),
+            state,
             source=str(spec),
             model=f"timm:{name}",
             first_conv=config.get("first_conv") or (),
-            classifier=config.get("classifier"),
+            classifier=dropped,
         )
+    if features_only:
+        return net, int(net.feature_info.channels()[-1])
     return net, int(net.num_features)

@@ -1,0 +1,579 @@
+"""Spatial specificity: patch labels vs boxes vs pixel masks, alone and with GERNE / reweighting.
+
+Saab et al. (MLHC 2022) trained the same backbone with binary labels, boxes and
+segmentation masks and measured robust AUROC (pneumothorax 0.46 / 0.72 / 0.82). This
+script does the same on our data, with the machinery of bench/robustness.py: per
+dataset and method, ``trials`` random hyperparameter draws (``unshortcut.search``,
+trial 0 = defaults) at seed 0, the best by validation worst-group accuracy
+(``select_best``), then ``seeds`` seeds of it; test values are read only after every
+choice. Reported (test, at the checkpoint validation WGA selected, mean ± std over
+seeds): robust AUROC, AUROC, worst-group AUROC, WGA, BCA and, for the spatial methods,
+the Dice of the tumor map (pooled over the test pixels, and per group).
+
+Datasets:
+
+- ``synth``: the default synthetic benchmark (bench/robustness.py's patch set);
+- ``layouts``: synthetic textures painted on the CAMELYON17 layouts that hold tumor,
+  at the image size chosen once (``--calibrate-layouts``, see LAYOUTS_SIZE);
+- ``camelyon16``, ``ocdc``, ``bcss``: the real sets in ../shared/data.
+
+On the synthetic sets the script also measures, on validation only, which aggregation
+of the pixel map suits the label (any tumor pixel): ``spatial-mask``'s default trial
+with each aggregation, over the same seeds.
+
+Usage: python bench/spatial.py [--datasets synth layouts ...] [--trials 2] [--seeds 3]
+       [--epochs 8] [--threads 1]
+       python bench/spatial.py --calibrate-layouts     (once; prints the evidence)
+Writes bench/results/spatial.json, the "## Spatial supervision" section of
+docs/benchmarks.md and the "## What our benchmark shows" section of the spatial
+methods' cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robustness import (
+    DATA_CACHE,
+    KNOWN,
+    ROOT,
+    SHARED_DATA,
+    Runner,
+    Settings,
+    build_patches,
+    finished,
+    machine,
+    mean_std,
+    replace_section,
+    run_record,
+    split_counts,
+    train_split,
+)
+from unshortcut.atomic import atomic_write_text
+from unshortcut.config import load_config
+from unshortcut.errors import UnshortcutError
+from unshortcut.methods import get_method
+from unshortcut.search import Trial, random_trials, select_best
+from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
+from unshortcut.synth.generate import generate_dataset
+from unshortcut.synth.layouts import list_layouts, read_layout
+from unshortcut.tiling.patchify import PatchifyConfig, patchify
+from unshortcut.tiling.patchset import PatchSet
+from unshortcut.train import train
+
+TAU = 0.5
+CRITERION = KNOWN.criterion
+SPATIAL = ("spatial-box", "spatial-mask", "spatial-mask+gerne", "spatial-mask+reweight")
+METHODS = ("erm", *SPATIAL)
+COMPONENTS = ("gerne", "reweight")
+"""Run alone on the synthetic sets too, to tell whether the combinations add up."""
+DATASETS = ("synth", "layouts", "camelyon16", "ocdc", "bcss")
+SYNTHETIC = ("synth", "layouts")
+AGGREGATIONS = ("max", "topk", "mean")
+METRICS = (
+    "robust_auroc",
+    "auroc",
+    "worst_group_auroc",
+    "worst_group_accuracy",
+    "balanced_accuracy",
+)
+SEGMENTATION = ("dice", "mean_patch_dice")
+REAL_PATCHIFY = {
+    # One slide thumbnail on glass, split by spatial region (as bench/robustness.py).
+    "camelyon16": None,
+    # Ten 640 px H&E tiles of one slide, no glass: split one tile at a time.
+    "ocdc": PatchifyConfig(patch_size=64, input_size=32, split_unit="image", seed=0),
+    # Three regions of interest without glass, one per split (as bench/real_data.py).
+    "bcss": PatchifyConfig(patch_size=128, input_size=32, split_unit="image", seed=0),
+}
+LAYOUTS_SIZE = 1024
+"""Longest image side of the layouts set, chosen once by ``--calibrate-layouts``: the
+largest of LAYOUTS_CANDIDATES whose patch set holds at least MIN_TUMOR_SHARE tumor
+patches (more pixels per layout cell keep more of the real geometry), checked on ERM
+alone (docs/benchmarks.md records the numbers)."""
+LAYOUTS_CANDIDATES = (1024, 768, 512)
+"""Larger sizes are below the share already in the layouts themselves: counting the
+64 px patches over the layout cells (a cell is ``size / longest side`` pixels) gives
+5.9% tumor patches at 2048 px and 6.8% at 1536 (9.8% at 1024, 11.7% at 768)."""
+MIN_TUMOR_SHARE = 0.10
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def tumor_layouts(cache: Path) -> Path:
+    """A folder linking the layouts that hold tumor (50 of the 100), built once."""
+    folder = cache / "camelyon17-tumor-layouts"
+    if not folder.is_dir():
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for path in list_layouts(SHARED_DATA / "camelyon17-layouts"):
+            if (read_layout(path) == 2).any() and not (tmp / path.name).exists():
+                (tmp / path.name).symlink_to(path)
+        tmp.rename(folder)
+    return folder
+
+
+def layouts_patches(size: int, cache: Path = DATA_CACHE) -> Path:
+    """The layouts set at ``size``: one image per tumor layout, default textures, the
+    recommended patch settings (64 px patches at 32 px input)."""
+    folder = cache / f"layouts-tumor-{size}"
+    patches = folder / "patches"
+    if patches.is_dir():
+        return patches
+    layouts = tumor_layouts(cache)
+    source = folder / "data"
+    if not source.is_dir():
+        n_images = len(list_layouts(layouts))
+        print(f"generating {n_images} layout images at {size} px into {source}", flush=True)
+        generate_dataset(SynthConfig(seed=0, layouts=layouts, images=n_images, size=size), source)
+    patchify(source, patches, PatchifyConfig(**RECOMMENDED_PATCHIFY, seed=0))
+    return patches
+
+
+def dataset_patches(dataset: str, cache: Path = DATA_CACHE) -> Path:
+    if dataset == "synth" or dataset == "camelyon16":
+        return build_patches(dataset, cache)
+    if dataset == "layouts":
+        return layouts_patches(LAYOUTS_SIZE, cache)
+    patches = cache / dataset / "patches"
+    if not patches.is_dir():
+        print(f"patchifying {SHARED_DATA / dataset} into {patches}", flush=True)
+        patchify(SHARED_DATA / dataset, patches, REAL_PATCHIFY[dataset])
+    return patches
+
+
+def tumor_share(patches: Path) -> float:
+    return float(PatchSet.open(patches).table["label"].mean())
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def feasible(method: str, patches: Path) -> str | None:
+    """Why ``method`` cannot run on this patch set at tau (None when it can)."""
+    split = train_split(patches, TAU)
+    cls = get_method(method)
+    try:
+        cls.check_hparams({k: h.default for k, h in cls.hparams.items()}, split)
+    except UnshortcutError as error:
+        return str(error)
+    return None
+
+
+def test_scores(run: Path) -> dict[str, Any]:
+    """Test metrics at the checkpoint validation WGA selected (read after every choice)."""
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    return metrics["by_criterion"][CRITERION]["test"]
+
+
+def val_scores(run: Path) -> dict[str, Any]:
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    return metrics["by_criterion"][CRITERION]["val"]
+
+
+def summarize(
+    dataset: str, trial: Trial, runs: list[Path], read: Any = test_scores
+) -> dict[str, Any]:
+    """One row: every metric over the seed runs, Dice overall and per group."""
+    done = finished(runs)
+    scores = [read(run) for run in done]
+    segmentation = [s.get("segmentation") or {} for s in scores]
+    groups = sorted({g for s in segmentation for g in s.get("groups", {})})
+    return {
+        "dataset": dataset,
+        "method": trial.method,
+        "tau": TAU,
+        "trial": trial.index,
+        "hparams": dict(trial.hparams) | dict(trial.training),
+        "seeds_finished": len(done),
+        "seeds_run": len(runs),
+        "runs": [str(run) for run in runs],
+        **{key: mean_std([s.get(key) for s in scores]) for key in METRICS},
+        **{key: mean_std([s.get(key) for s in segmentation]) for key in SEGMENTATION},
+        "dice_by_group": {
+            g: {
+                key: mean_std([s["groups"][g].get(key) for s in segmentation if "groups" in s])
+                for key in (*SEGMENTATION, "predicted_share")
+            }
+            for g in groups
+        },
+    }
+
+
+def run_dataset(
+    dataset: str, patches: Path, settings: Settings, work: Path, log: Any = print
+) -> dict[str, Any]:
+    """Every run of one dataset (reusing finished ones), then its rows."""
+    split = train_split(patches, TAU)
+    methods = [*METHODS, *(COMPONENTS if dataset in SYNTHETIC else ())]
+    skipped = {m: reason for m in methods if (reason := feasible(m, patches)) is not None}
+    methods = [m for m in methods if m not in skipped]
+    for method, reason in skipped.items():
+        log(f"{dataset}: {method} skipped: {reason}")
+    aggregate = dataset in SYNTHETIC and "spatial-mask" in methods
+    expected = len(methods) * (settings.trials + settings.seeds - 1)
+    expected += (len(AGGREGATIONS) - 1) * settings.seeds if aggregate else 0
+    runner = Runner(patches, work / dataset, settings, expected=expected, log=log)
+    trials = {m: random_trials(m, settings.trials, train=split) for m in methods}
+    folders = {m: [runner.run(TAU, t, seed=0) for t in trials[m]] for m in methods}
+    best = select_best(finished([f for m in methods for f in folders[m]]))[KNOWN.name]
+    chosen: list[tuple[Trial, list[Path]]] = []
+    for method in methods:
+        summary = best.get(method)
+        if summary is None:
+            log(f"{dataset}: {method}: no finished run to select")
+            continue
+        trial = trials[method][folders[method].index(summary.path)]
+        chosen.append((trial, [runner.run(TAU, trial, seed) for seed in range(settings.seeds)]))
+    aggregation_rows = []
+    if aggregate:
+        default = trials["spatial-mask"][0]
+        for name in AGGREGATIONS:
+            trial = replace(default, hparams=default.hparams | {"aggregation": name})
+            variant = "" if name == default.hparams["aggregation"] else f"agg-{name}"
+            runs = [runner.run(TAU, trial, seed, variant) for seed in range(settings.seeds)]
+            aggregation_rows.append(
+                summarize(dataset, trial, runs, read=val_scores) | {"aggregation": name}
+            )
+    # Every choice is made: only now are test values read.
+    rows = [summarize(dataset, trial, runs) for trial, runs in chosen]
+    trained = [i["seconds"] for i in runner.runs.values() if i["seconds"] is not None]
+    return {
+        "patches": str(patches),
+        "counts": split_counts(patches),
+        "tumor_share": tumor_share(patches),
+        "skipped": skipped,
+        "rows": rows,
+        "aggregation": aggregation_rows,
+        "runs_trained": len(trained),
+        "runs_reused": len(runner.runs) - len(trained),
+        "seconds_trained": float(np.sum(trained)) if trained else 0.0,
+        "runs": [run_record(run, info) for run, info in runner.runs.items()],
+    }
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate_layouts(settings: Settings, work: Path, log: Any = print) -> list[dict[str, Any]]:
+    """Tumor share of each candidate size, largest first, down to the first that reaches
+    MIN_TUMOR_SHARE; ERM's validation figures there (defaults, seed 0): the set must let
+    ERM learn the task before methods are compared on it."""
+    records = []
+    for size in LAYOUTS_CANDIDATES:
+        patches = layouts_patches(size)
+        record: dict[str, Any] = {"size": size, "counts": split_counts(patches)}
+        record["tumor_share"] = tumor_share(patches)
+        log(f"layouts at {size} px: {record['tumor_share']:.1%} tumor patches")
+        if record["tumor_share"] >= MIN_TUMOR_SHARE:
+            trial = random_trials("erm", 1)[0]
+            run = work / "calibration" / f"layouts-{size}" / "erm"
+            config = load_config(
+                patches=patches, out=run, method="erm", taus=[TAU], seed=0,
+                epochs=settings.epochs, batch_size=settings.batch_size, **trial.training,
+                bootstrap=settings.bootstrap, num_threads=settings.threads,
+            )  # fmt: skip
+            if not (run / "metrics.json").is_file():
+                train(config, overwrite=True, progress=False)
+            record["erm_val"] = {k: val_scores(run).get(k) for k in METRICS}
+            log(f"  ERM (validation): {json.dumps(record['erm_val'])}")
+        records.append(record)
+        if record["tumor_share"] >= MIN_TUMOR_SHARE:
+            break
+    return records
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _row(rows: list[dict[str, Any]], dataset: str, method: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
+
+
+def _gap(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+    if a is None or b is None or a[key]["mean"] is None or b[key]["mean"] is None:
+        return None
+    return float(a[key]["mean"] - b[key]["mean"])
+
+
+def floors(rows: list[dict[str, Any]]) -> str | None:
+    """Mask vs label supervision on the default benchmark: robust AUROC (floor +0.10)
+    and worst-group accuracy (floor +5 points)."""
+    mask, erm = _row(rows, "synth", "spatial-mask"), _row(rows, "synth", "erm")
+    auroc, wga = _gap(mask, erm, "robust_auroc"), _gap(mask, erm, "worst_group_accuracy")
+    if auroc is None or wga is None:
+        return None
+    met = "met" if auroc >= 0.10 and wga >= 0.05 else "NOT met"
+    return (
+        f"synth, spatial-mask - erm: robust AUROC {auroc:+.3f} (floor +0.10, the seed paper "
+        f"+0.36), worst-group accuracy {100 * wga:+.1f} points (floor +5): {met}"
+    )
+
+
+def adding_up(rows: list[dict[str, Any]]) -> list[str]:
+    """Does a combination beat both its parts (test WGA and robust AUROC, means)?"""
+    lines = []
+    for dataset in SYNTHETIC:
+        mask = _row(rows, dataset, "spatial-mask")
+        for other in COMPONENTS:
+            combined, alone = (
+                _row(rows, dataset, f"spatial-mask+{other}"),
+                _row(rows, dataset, other),
+            )
+            if mask is None or combined is None or alone is None:
+                continue
+            parts = []
+            for key, label in (("worst_group_accuracy", "WGA"), ("robust_auroc", "robust AUROC")):
+                a, b = _gap(combined, mask, key), _gap(combined, alone, key)
+                if a is None or b is None:
+                    continue
+                verdict = "adds up" if a > 0 and b > 0 else "does not add up"
+                parts.append(f"{label} {a:+.3f} vs spatial-mask, {b:+.3f} vs {other} ({verdict})")
+            if parts:
+                lines.append(f"{dataset}, spatial-mask+{other}: " + "; ".join(parts))
+    return lines
+
+
+def _stat(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if not stat or stat["mean"] is None:
+        return "n/a"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def _hparams(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+
+
+def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
+    s = result["settings"]
+    lines = [
+        "## Spatial supervision",
+        "",
+        "Patch labels (`erm`) vs the filled bounding box of the tumor pixels "
+        "(`spatial-box`) vs the pixel mask (`spatial-mask`), and the mask with GERNE's "
+        "batches and update or with group reweighting (docs/methods/spatial-mask.md). "
+        f"Same backbone ({s['model']}, + the pixel decoder for the spatial methods), "
+        f"{s['epochs']} epochs, batch size {s['batch_size']}; per method {s['trials']} "
+        "random trials (`unshortcut.search`, trial 0 = defaults) on the synthetic sets, the "
+        f"defaults alone on the real ones, the best by validation worst-group accuracy, then "
+        f"{s['seeds']} seeds; tau {TAU}. Test values at the checkpoint validation WGA "
+        "selected, mean ± std over seeds; Dice of the tumor map pooled over the test "
+        "pixels (map and mask binarised at 0.5). Written by `python bench/spatial.py` "
+        "from bench/results/spatial.json.",
+        "",
+    ]
+    for dataset, entry in result["datasets"].items():
+        counts = entry["counts"]
+        lines += [
+            f"**{dataset}** ({entry['built']}; tumor / all patches: "
+            + ", ".join(f"{k} {c['tumor']} / {c['patches']}" for k, c in counts.items())
+            + ")",
+            "",
+            "| method | robust AUROC | AUROC | worst-group AUROC | WGA % | BCA % | Dice "
+            "| selected trial |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in result["rows"] if r["dataset"] == dataset):
+            seeds = "" if r["seeds_finished"] == r["seeds_run"] else " (some seeds diverged)"
+            lines.append(
+                f"| {r['method']}{seeds} | {_stat(r['robust_auroc'])} | {_stat(r['auroc'])} | "
+                f"{_stat(r['worst_group_auroc'])} | "
+                f"{_stat(r['worst_group_accuracy'], 100, 1)} | "
+                f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} | "
+                f"{r['trial']}: {_hparams(r['hparams'])} |"
+            )
+        for method, reason in entry["skipped"].items():
+            lines.append(f"| {method} | not run: {reason} | | | | | | |")
+        lines.append("")
+    lines += [
+        "Dice of the tumor map per tumor group (test; pooled Dice / mean Dice of the "
+        "patches with tumor pixels):",
+        "",
+        "| data | method | group | Dice | mean patch Dice |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        for group, stats in r["dice_by_group"].items():
+            if group.startswith("tumor") and stats["dice"]["mean"] is not None:
+                lines.append(
+                    f"| {r['dataset']} | {r['method']} | {group} | {_stat(stats['dice'])} | "
+                    f"{_stat(stats['mean_patch_dice'])} |"
+                )
+    lines += [
+        "",
+        "Aggregation of the pixel map into the patch score (`spatial-mask`, default trial, "
+        "**validation**, same seeds; the default is the best by validation WGA):",
+        "",
+        "| data | aggregation | robust AUROC | AUROC | WGA % | BCA % | Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["aggregation"]:
+        lines.append(
+            f"| {r['dataset']} | {r['aggregation']} | {_stat(r['robust_auroc'])} | "
+            f"{_stat(r['auroc'])} | {_stat(r['worst_group_accuracy'], 100, 1)} | "
+            f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} |"
+        )
+    lines.append("")
+    if result["floors"]:
+        lines += [f"Floors: {result['floors']}.", ""]
+    if result["adding_up"]:
+        lines += ["Do the combinations add up (test means, combination minus part)?", ""]
+        lines += [f"- {line}" for line in result["adding_up"]]
+        lines.append("")
+    trained = sum(e["runs_trained"] for e in result["datasets"].values())
+    reused = sum(e["runs_reused"] for e in result["datasets"].values())
+    seconds = sum(e["seconds_trained"] for e in result["datasets"].values())
+    lines += [
+        f"Command: `{context['command']}`",
+        "",
+        f"Date: {context['date']}; machine: {context['machine']}; wall time "
+        f"{context['wall']} ({trained} runs trained in {seconds / 60:.1f} min, "
+        f"{reused} reused).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+CARD_HEADING = "## What our benchmark shows"
+
+
+def card_section(method: str, result: dict[str, Any]) -> str:
+    """A spatial method card's benchmark section: its rows beside ERM's."""
+    rows = [r for r in result["rows"] if r["method"] == method]
+    if not rows:
+        return ""
+    lines = [
+        CARD_HEADING,
+        "",
+        "Written by `python bench/spatial.py` from `bench/results/spatial.json` (protocol "
+        "in docs/benchmarks.md, section Spatial supervision). Test, mean ± std over seeds; "
+        "trial and checkpoint chosen by validation worst-group accuracy.",
+        "",
+        "| data | tau | robust AUROC | worst-group accuracy % | balanced accuracy % | Dice "
+        "| ERM robust AUROC | ERM worst-group accuracy % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        erm = _row(result["rows"], r["dataset"], "erm")
+        lines.append(
+            f"| {r['dataset']} | {r['tau']:g} | {_stat(r['robust_auroc'])} | "
+            f"{_stat(r['worst_group_accuracy'], 100, 1)} | "
+            f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} | "
+            f"{_stat(erm['robust_auroc']) if erm else 'n/a'} | "
+            f"{_stat(erm['worst_group_accuracy'], 100, 1) if erm else 'n/a'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def built(dataset: str) -> str:
+    """How each set was built, in words (for the docs)."""
+    if dataset == "synth":
+        return "default `unshortcut synth`, 64 px patches at 32 px"
+    if dataset == "layouts":
+        return (
+            f"the 50 CAMELYON17 layouts with tumor painted at {LAYOUTS_SIZE} px, "
+            "64 px patches at 32 px"
+        )
+    config = REAL_PATCHIFY[dataset]
+    if config is None:
+        return "real slide thumbnail, 32 px patches, region split"
+    return f"real, {config.patch_size} px patches at {config.input_size} px, image split"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--trials", type=int, default=2, help="random trials on the synthetic sets")
+    p.add_argument("--real-trials", type=int, default=1, help="random trials on the real sets")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    p.add_argument("--calibrate-layouts", action="store_true")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "spatial")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--cards", type=Path, default=ROOT / "docs" / "methods")
+    args = p.parse_args(argv)
+    if min(args.trials, args.real_trials, args.seeds) < 1:
+        p.error("--trials, --real-trials and --seeds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.monotonic()
+    settings = Settings(
+        taus=(TAU,),
+        methods=METHODS,
+        trials=args.trials,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        bootstrap=args.bootstrap,
+        threads=args.threads,
+        val_unknown=False,
+    )
+    try:
+        if args.calibrate_layouts:
+            records = calibrate_layouts(settings, args.work)
+            print(json.dumps(records, indent=2))
+            return
+        datasets = {}
+        for dataset in args.datasets:
+            trials = args.trials if dataset in SYNTHETIC else args.real_trials
+            patches = dataset_patches(dataset)
+            entry = run_dataset(dataset, patches, replace(settings, trials=trials), args.work)
+            datasets[dataset] = {"built": built(dataset), "trials": trials, **entry}
+    except UnshortcutError as error:
+        sys.exit(f"error: {error}")
+    rows = [row for entry in datasets.values() for row in entry.pop("rows")]
+    aggregation = [row for entry in datasets.values() for row in entry.pop("aggregation")]
+    wall = round(time.monotonic() - started)
+    context = {
+        "command": shlex.join(
+            ["python", "bench/spatial.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "wall": f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d}",
+    }
+    result = {
+        "settings": asdict(settings),
+        "rows": rows,
+        "aggregation": aggregation,
+        "floors": floors(rows),
+        "adding_up": adding_up(rows),
+        "datasets": datasets,
+        **context,
+    }
+    section = markdown(result, context)
+    print(section)
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results / "spatial.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.doc, replace_section(args.doc.read_text(encoding="utf-8"), section))
+    for method in SPATIAL:
+        card = args.cards / f"{method}.md"
+        text = card_section(method, result)
+        if text and card.is_file():
+            atomic_write_text(card, replace_section(card.read_text(encoding="utf-8"), text))
+    print(f"wrote {args.results / 'spatial.json'}, the section of {args.doc} and the cards")
+
+
+if __name__ == "__main__":
+    main()
