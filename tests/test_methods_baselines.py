@@ -44,6 +44,7 @@ def test_registry_and_attribute_needs() -> None:
         "jtt": False,
         "dfr": False,
         "lff": False,
+        "mimm": True,
     }
     assert get_method("dfr").uses_val_attributes({"balance": "group"})
     assert not get_method("dfr").uses_val_attributes({"balance": "class"})

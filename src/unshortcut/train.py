@@ -38,9 +38,11 @@ from unshortcut.data import Augmentation, SplitData, augmentation_generator
 from unshortcut.errors import UnshortcutError
 from unshortcut.inference import (
     RunData,
+    decodability,
     features,
     load_run_data,
     log_probabilities,
+    method_splits,
     predictions_table,
     resolve_device,
     score_split,
@@ -185,8 +187,12 @@ class LoopContext:
     def __init__(self, config: TrainConfig, data: RunData, device: torch.device) -> None:
         self.config = config
         self.data = data
-        self.train = data.splits["train"]
-        self.val = data.splits["val"]
+        # The method's groups: the run's, or its own (method_attributes); rows are the same.
+        splits = data.splits
+        if config.method_attributes:
+            splits = method_splits(data, config.method_attributes, config.taus)
+        self.train = splits["train"]
+        self.val = splits["val"]
         self.batch_size = config.batch_size
         self.seed = config.seed
         self.device = device
@@ -632,6 +638,9 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
                 )
                 for s in ("val", "test")
             },
+            "decodability": decodability(
+                ctx.data, model, seed=config.seed, prefetch=config.prefetch
+            ),
         }
     primary = config.primary_criterion
     chosen = by_epoch[int(best[primary]["epoch"])]
@@ -646,7 +655,11 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
         "selection": {"criterion": primary, "epoch": epochs[primary], "by_criterion": epochs},
         "val": chosen["metrics"]["val"],
         "test": chosen["metrics"]["test"],
-        "by_criterion": {c: {"epoch": e, **by_epoch[e]["metrics"]} for c, e in epochs.items()},
+        "by_criterion": {
+            c: {"epoch": e, **by_epoch[e]["metrics"], "decodability": by_epoch[e]["decodability"]}
+            for c, e in epochs.items()
+        },
+        "decodability": chosen["decodability"],
         "group_names": list(ctx.data.scheme.group_names),
         "attribute_names": list(ctx.data.scheme.attribute_names),
         "val_rows_scored": len(ctx.val) if ctx.val_rows is None else len(ctx.val_rows),

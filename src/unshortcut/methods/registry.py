@@ -17,6 +17,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "jtt",
     "dfr",
     "lff",
+    "mimm",
 )
 
 _REGISTRY: dict[str, type[Method]] = {}

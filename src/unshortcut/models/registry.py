@@ -23,32 +23,51 @@ BackboneBuilder = Callable[[int, int, bool], tuple[nn.Module, int]]
 class ModelOutput:
     """Everything a forward pass gives; inference and methods read what they need.
 
-    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)`` where the model has a
-    penultimate layer (DFR, probes); ``pixel_logits`` ``(B, K, S, S)`` for models that
-    predict a map (spatial supervision).
+    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)``, the penultimate features the
+    head reads (DFR refits the head on them, the decodability probe reads them), where
+    the model has them; ``backbone_features`` ``(B, D_all)`` everything the backbone
+    gives, a superset of ``features`` when the head reads only part of it (MIMM's
+    attribute parts); ``pixel_logits`` ``(B, K, S, S)`` for models that predict a map
+    (spatial supervision).
     """
 
     logits: torch.Tensor
     features: torch.Tensor | None = None
     pixel_logits: torch.Tensor | None = None
+    backbone_features: torch.Tensor | None = None
 
 
 class Classifier(nn.Module):
-    """``forward(x) = head(features(x))`` with ``features(x) -> (B, D)``."""
+    """``forward(x) = head(features(x)[:, :head_features])`` with ``features(x) -> (B, D)``.
 
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int) -> None:
+    The head reads the first ``head_features`` of the ``D`` backbone features (all of
+    them by default); a method that reserves the others for heads of its own (MIMM's
+    per-attribute parts) asks for a smaller share, so the class prediction provably
+    depends on the task part only.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, n_features: int, n_classes: int, head_features: int | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.n_features = n_features
-        self.head = nn.Linear(n_features, n_classes)
+        self.head_features = n_features if head_features is None else head_features
+        if not 1 <= self.head_features <= n_features:
+            raise ValueError(f"head_features {head_features} outside 1..{n_features}")
+        self.head = nn.Linear(self.head_features, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """All ``D`` backbone features."""
         return self.backbone(x)
 
     def outputs(self, x: torch.Tensor) -> ModelOutput:
-        """Logits and the features they were computed from, in one pass."""
-        features = self.features(x)
-        return ModelOutput(logits=self.head(features), features=features)
+        """Logits, the features the head read and all backbone features, in one pass."""
+        everything = self.features(x)
+        features = everything[:, : self.head_features]
+        return ModelOutput(
+            logits=self.head(features), features=features, backbone_features=everything
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(x).logits
@@ -71,9 +90,19 @@ def model_names() -> list[str]:
 
 
 def build_model(
-    name: str, in_channels: int, n_classes: int, input_size: int, *, pretrained: bool = False
+    name: str,
+    in_channels: int,
+    n_classes: int,
+    input_size: int,
+    *,
+    pretrained: bool = False,
+    head_share: float | None = None,
 ) -> Classifier:
-    """A freshly initialised classifier (initialisation uses torch's global RNG)."""
+    """A freshly initialised classifier (initialisation uses torch's global RNG).
+
+    ``head_share`` (a method's model option): the head reads only the first
+    ``round(head_share * D)`` backbone features, at least one and at most ``D - 1``.
+    """
     if in_channels < 1 or n_classes < 2 or input_size < 1:
         raise UnshortcutError(
             f"model {name!r}: needs in_channels >= 1, n_classes >= 2 and input_size >= 1 "
@@ -91,4 +120,8 @@ def build_model(
         if pretrained and name == "small_cnn":
             raise UnshortcutError("--model small_cnn: has no pretrained weights")
         backbone, dim = builders[name](in_channels, input_size, pretrained)
-    return Classifier(backbone, dim, n_classes)
+    if head_share is None:
+        return Classifier(backbone, dim, n_classes)
+    if not 0.0 < head_share < 1.0:
+        raise UnshortcutError(f"model {name!r}: head_share {head_share} must lie in (0, 1)")
+    return Classifier(backbone, dim, n_classes, min(max(round(head_share * dim), 1), dim - 1))
