@@ -257,15 +257,20 @@ def decodability(
     return {
         attribute.column: attribute_decodability(
             fit_features=fit_features,
-            fit_target=fit.values[:, j] if fit.values is not None else fit.bins[:, j],
+            fit_target=_raw_values(fit)[:, j],
             score_features=score_features,
-            score_target=scored.values[:, j] if scored.values is not None else scored.bins[:, j],
+            score_target=_raw_values(scored)[:, j],
             score_labels=scored.labels,
             continuous=fit.continuous[j],
             seed=seed,
         )
         for j, attribute in enumerate(data.scheme.attributes)
     }
+
+
+def _raw_values(split: GroupedSplit) -> np.ndarray:
+    """``(n, d)`` raw attribute values (the category index for categorical ones)."""
+    return split.bins.astype(np.float64) if split.values is None else split.values
 
 
 def method_splits(
