@@ -78,12 +78,31 @@ def test_floors() -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_experiment_scores_every_variant_on_the_intersections(tmp_path: Path) -> None:
+def test_a_tiny_experiment_scores_every_variant_on_the_intersections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     patches = write_site_patch_set(tmp_path / "patches")
     settings = bench.Settings(trials=1, seeds=1, epochs=1, batch_size=32, bootstrap=0, threads=1)
     variants = tuple(v for v in bench.VARIANTS if v.label in ("erm", "gerne:site", "mimm"))
     lines: list[str] = []
+    # Calibration: ERM alone, validation only, on each candidate until the rule holds.
+    monkeypatch.setattr(bench, "build_patches", lambda correlation, shift: patches)
+
+    def runner_for(p: Path) -> object:
+        return bench.VariantRunner(p, tmp_path / "work", settings, expected=1, log=lines.append)
+
+    chosen, table = bench.calibrate(runner_for, settings, lines.append)
+    assert chosen == patches and 1 <= len(table) <= len(bench.SITE_SHIFTS)
+    assert [r["site_shift"] for r in table] == list(bench.SITE_SHIFTS[: len(table)])
+    assert all(not r["both_shortcuts"] for r in table[:-1])
+    gap = table[0]["balanced_accuracy"] - max(table[0]["tissue_ratio_wga"], table[0]["site_wga"])
+    assert table[0]["both_shortcuts"] == (gap >= bench.SHORTCUT_GAP)
     result = bench.run_experiment(patches, tmp_path / "work", settings, variants, lines.append)
+    assert result["runs_reused"] == 1  # the calibration's ERM run is the experiment's
+    result["synth"] = {
+        "site_label_correlation": 0.8, "site_shift": 0.15, "calibration": table,
+        "shortcut_gap": bench.SHORTCUT_GAP,
+    }  # fmt: skip
     assert [r["method"] for r in result["rows"]] == ["erm", "gerne:site", "mimm"]
     gerne = tmp_path / "work" / "tau0.5" / "gerne@site" / "trial0-seed0"
     config = json.loads((gerne / "config.json").read_text())
