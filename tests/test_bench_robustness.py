@@ -45,8 +45,9 @@ def _row(method: str, tau: float, bca: float, wga: float) -> dict:
 
 
 def test_expected_runs_and_mean_std() -> None:
-    assert robustness.Settings().expected_runs() == (200, 40, 40, 6)
-    assert robustness.Settings(seeds=1, val_unknown=False).expected_runs() == (200, 0, 0, 2)
+    cells = len(robustness.METHODS) * 2  # every registered method at two taus
+    assert robustness.Settings().expected_runs() == (10 * cells, 2 * cells, 2 * cells, 6)
+    assert robustness.Settings(seeds=1, val_unknown=False).expected_runs() == (10 * cells, 0, 0, 2)
     stat = robustness.mean_std([0.5, None, 0.7])
     assert stat["mean"] == pytest.approx(0.6)
     assert stat["std"] == pytest.approx(math.sqrt(0.02))  # ddof 1: ((0.1^2) * 2) / 1
