@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: ../shared/data beside the repository; UNSHORTCUT_SHARED_DATA points elsewhere (a git
+#: worktree one folder deeper, say).
+SHARED_DATA = Path(
+    os.environ.get("UNSHORTCUT_SHARED_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 
 @pytest.fixture(scope="session")

@@ -135,7 +135,7 @@ def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> 
     ]
     assert known[1]["hparams"] == {  # trial 0: the defaults
         "c": 0.5,
-        "beta": 1.0,
+        "beta": 0.5,
         "bn": "separate",
         "on_runaway": "stop",
         "lr": 0.01,

@@ -306,14 +306,14 @@ def test_tiff_mask_peak_and_block_counts(tmp_path: Path) -> None:
     values[100:140, 30:90] = 1  # would be tumor in a 0/1 mask, is noise in a 0..255 one
     tifffile.imwrite(tmp_path / "m.tif", values, tile=(128, 128), compression="zlib")
     with open_mask(tmp_path / "m.tif") as mask:
-        assert mask.reader.peak_value(0) == 255 and mask.threshold == 127
+        assert max(mask.reader.reduce_tiles(0, np.max)) == 255 and mask.threshold == 127
         counts = joined_sums(mask.iter_block_sums(5))
     np.testing.assert_array_equal(counts, reference_block_sums(values[..., None] > 127, 5)[..., 0])
     assert counts.sum() == 25
     zero_one = (values > 0).astype(np.uint8)
     tifffile.imwrite(tmp_path / "z.tif", zero_one, tile=(128, 128), compression="zlib")
     with open_mask(tmp_path / "z.tif") as mask:
-        assert mask.reader.peak_value(0) == 1 and mask.threshold == 0
+        assert max(mask.reader.reduce_tiles(0, np.max)) == 1 and mask.threshold == 0
         assert joined_sums(mask.iter_block_sums(4)).sum() == zero_one.sum()
 
 
@@ -379,14 +379,19 @@ def test_discover_dataset_errors(tmp_path: Path) -> None:
 
     root = make_dataset(tmp_path / "d2")
     (root / "masks/a.png").unlink()
-    with pytest.raises(UnshortcutError, match=r"^images/a\.png: no mask in masks/$"):
+    with pytest.raises(
+        UnshortcutError,
+        match=r"^images/a\.png: no mask in masks/ or annotation in annotations/ \(for "
+        r"tumor-free images pass --missing-mask negative\)$",
+    ):
         discover_dataset(root)
 
     root = make_dataset(tmp_path / "d3")
     Image.fromarray(np.zeros((32, 41), np.uint8)).save(root / "masks/b.png")
     with pytest.raises(
         UnshortcutError,
-        match=r"masks/b\.png: size 41 x 32 .* differs from images/b\.png \(40 x 32\)",
+        match=r"masks/b\.png: size 41 x 32 \(width x height\) fits images/b\.png \(40 x 32\) "
+        r"at no integer scale",
     ):
         discover_dataset(root)
 

@@ -40,8 +40,6 @@ def test_unknown_and_impossible_models_are_user_errors() -> None:
         build_model("vgg", 3, 2, 32)
     with pytest.raises(UnshortcutError, match="no pretrained weights"):
         build_model("small_cnn", 3, 2, 32, pretrained=True)
-    with pytest.raises(UnshortcutError, match="pretrained"):
-        build_model("resnet18", 3, 2, 32, pretrained=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")

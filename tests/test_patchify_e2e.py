@@ -125,7 +125,9 @@ def test_metadata_columns_and_patient_splits(tmp_path: Path) -> None:
     }
 
 
-def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_leaves_no_patch_set_only_the_visible_partial_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = hand_case(tmp_path / "data")
     out = tmp_path / "out"
 
@@ -135,15 +137,19 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(patchify_module, "write_manifest", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         patchify(data, out, PatchifyConfig(patch_size=4, input_size=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-    # A failed --overwrite run keeps the previous, complete patch set.
+    # No patch set and no hidden leftovers; the tiled images wait in OUT.partial.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.partial"]
+    assert [p.name for p in (tmp_path / "out.partial" / "parts").iterdir()] == ["000000"]
     monkeypatch.undo()
-    patchify(data, out, PatchifyConfig(patch_size=4, input_size=2))
+    resumed = patchify(data, out, PatchifyConfig(patch_size=4, input_size=2))
+    assert resumed.warnings[0].startswith("resumed an interrupted patchify: 1 of 1 image(s)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    # A failed --overwrite run keeps the previous, complete patch set.
     monkeypatch.setattr(patchify_module, "write_manifest", crash)
     with pytest.raises(RuntimeError):
         patchify(data, out, PatchifyConfig(patch_size=4, input_size=2, min_tissue=0), True)
     assert len(PatchSet.open(out)) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out", "out.partial"]
 
 
 def break_truncated(data: Path) -> str:

@@ -64,7 +64,7 @@ def test_gerne_draws_the_strength_over_its_feasible_range() -> None:
     # Uniform over [0.5, s_max]: a third below plain resampling (s = 1), none at beta = -1.
     assert np.mean(strengths < 1) == pytest.approx(0.5 / (s_max - 0.5), abs=0.1)
     assert {t.hparams["c"] for t in trials[1:]} == {0.5, 1.0}
-    assert trials[0].hparams == {"c": 0.5, "beta": 1.0, "bn": "separate", "on_runaway": "stop"}
+    assert trials[0].hparams == {"c": 0.5, "beta": 0.5, "bn": "separate", "on_runaway": "stop"}
     grid = grid_trials("gerne", points=3, train=train)
     assert [(t.hparams["c"], round(t.hparams["c"] * (t.hparams["beta"] + 1), 6)) for t in grid] == [
         (c, round(s, 6)) for c in (0.5, 1.0) for s in np.linspace(0.5, s_max, 3)

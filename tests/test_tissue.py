@@ -129,6 +129,26 @@ def test_fixed_threshold_and_bad_options() -> None:
         detect_tissue_from_thumbnail(image, 1.0, polarity="sideways")  # type: ignore[arg-type]
 
 
+def test_fixed_threshold_holds_on_tissue_filled_images() -> None:
+    """No glass anywhere: Otsu calls it all tissue, a fixed threshold still cuts out the
+    white lumen, and its side of 0.5 says which side is background under auto."""
+    rng = np.random.default_rng(2)
+    tile = rng.normal((190, 120, 170), 18, (64, 64, 3))
+    lumen = np.zeros((64, 64), bool)
+    lumen[16:32, 16:40] = True
+    tile[lumen] = rng.normal(238, 4, (int(lumen.sum()), 3))
+    tile = np.clip(tile, 0, 255).astype(np.uint8)
+    plain = detect_tissue_from_thumbnail(tile[:, 40:], 1.0, min_object_px=0)  # no lumen
+    assert plain.polarity == "none" and plain.mask.all()
+    fixed = detect_tissue_from_thumbnail(
+        tile, 1.0, method="threshold", threshold=0.8, min_object_px=0, closing_radius=0
+    )
+    assert fixed.polarity == "bright-background" and fixed.threshold == 0.8
+    assert iou(~fixed.mask, lumen) > 0.95
+    low = detect_tissue_from_thumbnail(tile, 1.0, method="threshold", threshold=0.2)
+    assert low.polarity == "dark-background"
+
+
 def test_no_background_means_all_tissue(shared_data: Path) -> None:
     reader = open_image(shared_data / "bcss/images/1015.jpg")
     thumb, downsample = thumbnail_of(reader, 512)

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from unshortcut import __version__
 from unshortcut.errors import UnshortcutError
+from unshortcut.io.annotation_classes import DEFAULT_EXCLUDE_CLASSES, DEFAULT_TUMOR_CLASSES
 
 app = typer.Typer(
     name="unshortcut",
@@ -29,8 +30,15 @@ console = Console()
 error_console = Console(stderr=True)
 
 
-def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command whose UnshortcutError becomes a one-line message and exit 2."""
+def command(
+    name: str, on_interrupt: str | None = None, group: typer.Typer | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command (on ``group``, default the main app) whose UnshortcutError
+    becomes a one-line message and exit 2.
+
+    ``on_interrupt`` is what a person should know after Ctrl-C (what was kept, how to go
+    on); the command then exits 130 with that line instead of a traceback.
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -40,8 +48,12 @@ def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             except UnshortcutError as error:
                 error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                hint = f": {on_interrupt}" if on_interrupt else ""
+                error_console.print(f"[bold red]interrupted[/]{hint}", highlight=False)
+                raise typer.Exit(130) from None
 
-        return app.command(name)(wrapper)
+        return (group or app).command(name)(wrapper)
 
     return decorate
 
@@ -61,10 +73,16 @@ def main(
     """Find and remove shortcut learning in patch-wise tumor classification."""
 
 
-@command("patchify")
+@command(
+    "patchify",
+    on_interrupt="the images tiled so far are kept in OUT.partial; the same command "
+    "continues from there",
+)
 def patchify_command(
     data: Path = typer.Argument(
-        ..., help="Dataset folder: images/, masks/, optional tissue/ and metadata.csv."
+        ...,
+        help="Dataset folder: images/, masks/ and/or annotations/ (QuPath GeoJSON, ASAP "
+        "XML), optional tissue/ and metadata.csv.",
     ),
     out: Path = typer.Argument(..., help="Patch-set folder to create (must not exist)."),
     patch_size: int = typer.Option(
@@ -124,7 +142,49 @@ def patchify_command(
         "0.6,0.2,0.2", "--split-fractions", help="train,val,test fractions of the split units."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split draw."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Images tiled at once, each in its own process (memory per worker: a few bands "
+        "of one image). The result does not depend on it.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    background: str = typer.Option(
+        "auto",
+        "--background",
+        help="Which side of the tissue threshold is background: bright (brightfield, H&E), "
+        "dark (fluorescence, multimodal), or auto (Otsu: from the image border; a fixed "
+        "--tissue-threshold: bright when it is >= 0.5).",
+    ),
+    tumor_values: str | None = typer.Option(
+        None,
+        "--tumor-values",
+        help="Read masks as label maps: these values (e.g. 2, or 3,4) are tumor. Every "
+        "other non-zero value in a mask must be listed in --tissue-values.",
+    ),
+    tissue_values: str | None = typer.Option(
+        None,
+        "--tissue-values",
+        help="Label-map values that are tissue (e.g. 1,2 for 0 glass, 1 tissue, 2 tumor): "
+        "the label map then also serves as the tissue mask.",
+    ),
+    tumor_classes: str = typer.Option(
+        ",".join(DEFAULT_TUMOR_CLASSES),
+        "--tumor-classes",
+        help="Annotation classes (QuPath) or groups (ASAP) that are tumor, comma-separated, "
+        "case-insensitive; 'unclassified' for polygons without one.",
+    ),
+    exclude_classes: str = typer.Option(
+        ",".join(DEFAULT_EXCLUDE_CLASSES),
+        "--exclude-classes",
+        help="Annotation classes or groups carved out of the tumor (CAMELYON16 _2).",
+    ),
+    missing_mask: str = typer.Option(
+        "error",
+        "--missing-mask",
+        help="An image with no mask and no annotation: error, or negative (tumor-free; "
+        "for negative slides that were never annotated).",
+    ),
 ) -> None:
     """Cut images and tumor masks into a labelled patch set (patches.parquet + pixel store).
 
@@ -151,6 +211,12 @@ def patchify_command(
         region_size=region_size,
         split_fractions=parse_fractions(split_fractions),
         seed=seed,
+        background=background,
+        tumor_values=_label_values(tumor_values, "--tumor-values"),
+        tissue_values=_label_values(tissue_values, "--tissue-values"),
+        tumor_classes=_names(tumor_classes),
+        exclude_classes=_names(exclude_classes),
+        missing_mask=missing_mask,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=error_console, transient=True) as progress:
@@ -162,7 +228,9 @@ def patchify_command(
             progress.update(bands, description=f"{image_id} bands", total=n_bands, completed=0)
             return lambda: progress.advance(bands)
 
-        result = patchify(data, out, config, overwrite=overwrite, on_image=on_image)
+        result = patchify(
+            data, out, config, overwrite=overwrite, on_image=on_image, workers=workers
+        )
     for problem in result.warnings:
         error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
     table = Table(title=f"patch set {result.path}")
@@ -174,7 +242,27 @@ def patchify_command(
     console.print(table)
 
 
-@command("train")
+def _label_values(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'1,2' -> (1, 2) for --tumor-values/--tissue-values; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise UnshortcutError(f"{option}: give whole numbers like 2 or 1,2, got {text!r}") from None
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'Tumor, _0' -> ('Tumor', '_0'): annotation class names, blanks dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@command(
+    "train",
+    on_interrupt="every finished epoch is in RUN/checkpoints/last.pt; the same command with "
+    "--resume continues from there",
+)
 def train_command(
     patches: Path = typer.Argument(..., help="Patch-set folder written by `unshortcut patchify`."),
     out: Path | None = typer.Option(None, "--out", help="Run folder to write."),
@@ -214,6 +302,15 @@ def train_command(
         "(default: all, worst_group_accuracy first).",
     ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default: auto)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="auto, fp32 or bf16 autocast (default: auto = bf16 on CUDA)."
+    ),
+    channels_last: str | None = typer.Option(
+        None, "--channels-last", help="auto, on or off (default: auto = on CUDA)."
+    ),
+    tensorboard: bool | None = typer.Option(
+        None, "--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -225,6 +322,7 @@ def train_command(
     """
     import warnings
 
+    from unshortcut import distributed
     from unshortcut.config import load_config, parse_hp
     from unshortcut.evaluate import metric_warnings, results_tables
     from unshortcut.runs import open_run
@@ -246,10 +344,15 @@ def train_command(
         hp=parse_hp(hp) if hp else None,
         select_by=select_by,
         device=device,
+        precision=precision,
+        channels_last=channels_last,
+        tensorboard=tensorboard,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 speaks for every rank
     metrics = open_run(run).metrics
     for table in results_tables(metrics, f"{settings.method} ({run})"):
         console.print(table)
@@ -494,3 +597,252 @@ def demo_command(
 
     summary = run_demo(out, DemoSettings(images=images, epochs=epochs), console, overwrite)
     console.print(f"done: every stage's output is under {out} (summary: {summary})")
+
+
+@command(
+    "sweep",
+    on_interrupt="finished runs are kept and interrupted ones resume; the same command "
+    "continues the sweep",
+)
+def sweep_command(
+    config: Path = typer.Argument(..., help="Sweep file (TOML): datasets, methods, taus, seeds."),
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder [default: the file's out]."),
+    launcher: str | None = typer.Option(
+        None, "--launcher", help="local (processes) or ray [default: the file's]."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Runs at once [default: the file's]."
+    ),
+    status: bool = typer.Option(
+        False, "--status", help="Say where the sweep stands; train nothing."
+    ),
+) -> None:
+    """Run a grid or random search of runs; relaunching skips finished runs and resumes
+    interrupted ones. Hyperparameters are chosen on validation only; test numbers are read
+    once every choice is made."""
+    from rich.table import Table
+
+    from unshortcut.sweep import load_sweep, run_sweep, sweep_status, write_results
+
+    overrides: dict[str, Any] = {"out": out}
+    sweep = load_sweep(config, **overrides)
+    if launcher is not None or workers is not None:
+        settings = sweep.launcher.model_copy(
+            update={k: v for k, v in (("kind", launcher), ("workers", workers)) if v is not None}
+        )
+        sweep = sweep.model_copy(update={"launcher": settings})
+    if status:
+        table = Table(title=f"sweep {sweep.name}: {sweep.out}")
+        table.add_column("phase")
+        table.add_column("runs", justify="right")
+        for phase, counts in sweep_status(sweep).items():
+            table.add_row(phase, ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+        console.print(table)
+        return
+    result = run_sweep(sweep, log=lambda line: error_console.print(line, highlight=False))
+    table = Table(title=f"sweep {sweep.name}: test %, mean ± std over seeds (chosen on validation)")
+    for name in ("data", "tau", "protocol", "method", "WGA", "BCA", "robust AUROC"):
+        table.add_column(
+            name, justify="left" if name in ("data", "protocol", "method") else "right"
+        )
+    for row in result.rows:
+        cells = [
+            "n/a"
+            if row[k]["mean"] is None
+            else f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
+            for k in ("worst_group_accuracy", "balanced_accuracy", "robust_auroc")
+        ]
+        tau = "" if row["tau"] is None else f"{row['tau']:g}"
+        table.add_row(row["dataset"], tau, row["protocol"], row["method"], *cells)
+    console.print(table)
+    console.print(f"results: {write_results(result)}")
+
+
+# --------------------------------------------------------------------------- generate (MeDi)
+
+generate_app = typer.Typer(
+    help="Conditional diffusion generator (MeDi): learn a patch set's training split, then "
+    "write a new patch set with generated patches for the groups training lacks.",
+    no_args_is_help=True,
+)
+app.add_typer(generate_app, name="generate")
+
+
+def _generate_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    return Progress(*columns, console=error_console)
+
+
+@command(
+    "train",
+    group=generate_app,
+    on_interrupt="every finished epoch of the generator is kept; the same command with "
+    "--resume continues from there",
+)
+def generate_train_command(
+    patches: Path = typer.Argument(..., help="Patch set whose real training patches to learn."),
+    out: Path = typer.Option(..., "--out", help="Generator run folder to write."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="cpu (narrow U-Net, minutes) or gpu (wide, hours) (default: cpu)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (preset default)."),
+    condition: list[str] | None = typer.Option(
+        None,
+        "--condition",
+        help="Column to condition on besides the label (repeatable; col:cat / col:num force the "
+        "kind) (default: tissue_ratio and every categorical metadata column).",
+    ),
+    with_mask: bool | None = typer.Option(
+        None, "--with-mask/--no-mask", help="Generate the tumor mask too (default: on)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file with any GeneratorConfig field; flags win over it."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of everything random (default 0)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
+    num_threads: int | None = typer.Option(None, "--num-threads", help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train a conditional diffusion model on the real training patches of PATCHES.
+
+    Conditioned on the label, the tissue ratio and categorical metadata (one embedding
+    each, summed into the time embedding), with condition dropout for guidance.
+    Checkpoints after every epoch; --resume continues a killed run exactly.
+    """
+    from contextlib import nullcontext
+
+    from unshortcut.generate import load_generator_config, train_generator
+
+    settings = load_generator_config(
+        config,
+        patches=patches,
+        out=out,
+        preset=preset,
+        epochs=epochs,
+        conditions=condition,
+        with_mask=with_mask,
+        seed=seed,
+        device=device,
+        num_threads=num_threads,
+    )
+    progress = nullcontext() if quiet else _generate_progress()
+    with progress as bar:
+        epochs_task = None if bar is None else bar.add_task("epochs", total=settings.epochs)
+        steps_task = None if bar is None else bar.add_task("steps", total=None)
+
+        def on_step(epoch: int, done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(steps_task, description=f"epoch {epoch}", completed=done, total=total)
+
+        def on_epoch_end(line: dict[str, Any]) -> None:
+            if bar is not None:
+                bar.update(epochs_task, completed=line["epoch"] + 1,
+                           description=f"epochs (loss {line['loss']:.4f})")  # fmt: skip
+
+        run = train_generator(
+            settings, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch_end=on_epoch_end
+        )
+    console.print(f"generator trained: {run}", soft_wrap=True, highlight=False)
+
+
+@command("sample", group=generate_app)
+def generate_sample_command(
+    run: Path = typer.Argument(..., help="Generator run folder (`unshortcut generate train`)."),
+    out: Path = typer.Option(..., "--out", help="New patch set to write (source + generated)."),
+    groups: list[str] | None = typer.Option(
+        None,
+        "--groups",
+        help="Group to generate for, named as `unshortcut train` prints it, e.g. "
+        "'tumor|tissue_ratio<0.5' (repeatable) (default: all groups).",
+    ),
+    count: int | None = typer.Option(None, "--count", help="Patches to generate per group."),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help="Instead of --count: largest (every group up to the largest), ratio:R (up to R x "
+        "the largest) or count:N (up to N rows).",
+    ),
+    attribute: list[str] | None = typer.Option(
+        None, "--attribute", help="Attribute(s) defining the groups, as in `unshortcut train`."
+    ),
+    tau: list[float] | None = typer.Option(None, "--tau", help="Threshold(s) (default 0.5)."),
+    patches: Path | None = typer.Option(
+        None, "--patches", help="Source patch set (default: the one the generator learned)."
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="DDIM steps (default: the run's)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Guidance scale: 0 unconditional, 1 conditional, >1 stronger."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the condition draws and the noise."),
+    patches_per_image: int = typer.Option(
+        64, "--patches-per-image", help="Generated patches per synthetic image id."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Sample patches for chosen groups and write them, with quality checks, as a new patch set.
+
+    The new set is the source set unchanged plus the generated rows (split train,
+    synthetic true); OUT/quality/ holds quality.json and a picture grid per group.
+    """
+    from contextlib import nullcontext
+
+    from rich.table import Table
+
+    from unshortcut.generate import augment_patch_set
+
+    progress = nullcontext() if quiet else _generate_progress()
+    with progress as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if bar is None:
+                return
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = augment_patch_set(
+            run,
+            out,
+            patches=patches,
+            count=count,
+            policy=balance,
+            groups=groups,
+            attributes=attribute or (),
+            taus=tau or (),
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance,
+            patches_per_image=patches_per_image,
+            device=device,
+            overwrite=overwrite,
+            on_progress=on_progress,
+        )
+    table = Table(title=f"generated patches ({result.patchset.path})")
+    for name in ("group", "generated", "judge agrees (real val)", "FID (real val)",
+                 "nearest train (real val)"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "group" else "right")
+
+    def pair(value: Any, reference: Any) -> str:
+        shown = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+        return f"{shown(value)} ({shown(reference)})"
+
+    for name, group in result.quality["groups"].items():
+        nearest = group["nearest_train_distance"]
+        table.add_row(
+            name,
+            str(group["n_generated"]),
+            pair(group["conditional_accuracy"]["all"], group["real_val_accuracy"]["all"]),
+            pair(group["fid"], group["fid_real_val_vs_train"]),
+            pair(nearest["generated"]["median"], (nearest["real_val"] or {}).get("median")),
+        )
+    console.print(table)
+    report = result.patchset.path / "quality" / "quality.json"
+    console.print(f"quality report: {report}", soft_wrap=True, highlight=False)

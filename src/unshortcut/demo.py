@@ -1,8 +1,9 @@
 """The whole pipeline on built-in synthetic data, small enough for a laptop CPU.
 
-synth -> patchify -> audit -> train ERM and GERNE -> a side-by-side table. It is the
-first thing a new user runs, so it uses only public library functions, the same ones
-the individual commands call, and leaves every intermediate folder for inspection.
+synth -> patchify -> audit (with its verdict) -> train ERM and GERNE -> a side-by-side
+table -> an HTML report of both runs. It is the first thing a new user runs, so it uses
+only public library functions, the same ones the individual commands call, and leaves
+every intermediate folder for inspection.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from unshortcut.audit import audit_patch_set
 from unshortcut.config import load_config
 from unshortcut.groups import parse_attribute_specs
 from unshortcut.report.audit_section import write_audit
+from unshortcut.report.build import write_report
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, make_config
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
@@ -42,13 +44,13 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data, patches = out / "data", out / "patches"
-    console.rule("1/4 synth: multimodal images with tumor masks")
+    console.rule("1/5 synth: multimodal images with tumor masks")
     generate_dataset(
         make_config(images=settings.images, size=settings.size, seed=settings.seed),
         data,
         overwrite=overwrite,
     )
-    console.rule("2/4 patchify: labelled patches with tissue ratio")
+    console.rule("2/5 patchify: labelled patches with tissue ratio")
     patchify(
         data,
         patches,
@@ -59,7 +61,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
         ),
         overwrite=overwrite,
     )
-    console.rule("3/4 audit: does tissue ratio alone predict the label?")
+    console.rule("3/5 audit: does tissue ratio alone predict the label?")
     patch_set = PatchSet.open(patches)
     specs = parse_attribute_specs(["tissue_ratio"], [settings.tau])
     audit = audit_patch_set(patch_set, specs)
@@ -67,7 +69,8 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     auroc = audit.attribute_auroc["tissue_ratio"]
     shown = ", ".join(f"{split} {value:.3f}" for split, value in auroc.items() if value is not None)
     console.print(f"tissue_ratio alone predicts the label with AUROC {shown}")
-    console.rule("4/4 train and evaluate: " + ", ".join(settings.methods))
+    console.print(f"verdict: {audit.verdict.text}", highlight=False)
+    console.rule("4/5 train and evaluate: " + ", ".join(settings.methods))
     rows = {}
     for method in settings.methods:
         run = train(
@@ -85,6 +88,9 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     summary = out / "summary.json"
     summary.write_text(json.dumps(rows, indent=2))
     console.print(comparison_table(rows))
+    console.rule("5/5 report: audit, results, curves and errors in one page")
+    report = write_report(out / "runs", out / "report.html", n_bootstrap=200, seed=settings.seed)
+    console.print(f"report: {report.html} (Markdown twin: {report.markdown})", highlight=False)
     return summary
 
 

@@ -27,14 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
 from unshortcut.blocks import accumulators, block_sum
 from unshortcut.errors import UnshortcutError
-from unshortcut.io.base import ImageReader
+from unshortcut.io.base import Closeable, ImageReader
 
 PILLOW_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
@@ -193,7 +192,7 @@ def _channel_first(shape: tuple[int, ...]) -> bool:
     return shape[0] <= MAX_CHANNEL_FIRST and shape[0] < shape[1] and shape[0] < shape[2]
 
 
-class _ReaderBase:
+class _ReaderBase(Closeable):
     """Bounds checks, error wording and context-manager support shared by all readers."""
 
     path: Path
@@ -219,20 +218,6 @@ class _ReaderBase:
 
     def _decode_error(self, exc: Exception) -> UnshortcutError:
         return UnshortcutError(f"{self.path}: cannot decode image data ({exc})")
-
-    def close(self) -> None:
-        """Nothing to release by default."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class ArrayReader(_ReaderBase):
@@ -749,12 +734,13 @@ class TiffReader(_ReaderBase):
 
         return decode
 
-    def peak_value(self, level: int) -> float | None:
-        """Largest pixel value of a tiled ``level`` (None for other levels), exactly.
+    def reduce_tiles(self, level: int, reduce: TileReduce) -> list[np.ndarray] | None:
+        """``reduce`` of every distinct tile of a tiled ``level`` (None for other levels).
 
         Tiles with identical compressed bytes are decoded once: a mask is mostly empty
-        tiles that compress alike, so finding its largest value costs a few decodes, not
-        a pass over the file. Edge tiles are cropped to the image before taking the max.
+        tiles that compress alike, so scanning its values (largest value, distinct
+        values) costs a few decodes, not a pass over the file. Edge tiles are cropped to
+        the image before ``reduce`` sees them.
         """
         self._check_region(0, 0, 0, 0, level)
         entry = self._levels[level]
@@ -768,14 +754,14 @@ class TiffReader(_ReaderBase):
                 ty, tx = divmod(index % (rows * cols), cols)
                 valid = (min(tile_h, height - ty * tile_h), min(tile_w, width - tx * tile_w))
                 by_valid_shape.setdefault(valid, []).append((page_i, index))
-        peaks = [0.0]
+        results: list[np.ndarray] = []
         for (h, w), keys in by_valid_shape.items():
 
-            def peak(tile: np.ndarray, h: int = h, w: int = w) -> np.ndarray:
-                return np.asarray(tile[:h, :w].max(initial=0))
+            def cropped(tile: np.ndarray, h: int = h, w: int = w) -> np.ndarray:
+                return reduce(tile[:h, :w])
 
-            peaks += [float(p) for p in self._tiles(level, entry, keys, False, reduce=peak)]
-        return max(peaks)
+            results += self._tiles(level, entry, keys, False, reduce=cropped)
+        return results
 
     def close(self) -> None:
         self._cache.clear()

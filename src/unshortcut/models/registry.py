@@ -15,8 +15,11 @@ from torch import nn
 
 from unshortcut.errors import UnshortcutError
 
-BackboneBuilder = Callable[[int, int, bool], tuple[nn.Module, int]]
-"""(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D)."""
+BackboneBuilder = Callable[[int, int, bool | str], tuple[nn.Module, int]]
+"""(in_channels, input_size, pretrained) -> (backbone mapping (B, C, S, S) to (B, D), D).
+
+``pretrained``: False, True (default weights) or a checkpoint path / hub name
+(:mod:`unshortcut.models.pretrained`)."""
 
 
 @dataclass
@@ -69,8 +72,11 @@ class Classifier(nn.Module):
             logits=self.head(features), features=features, backbone_features=everything
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outputs(x).logits
+    def forward(self, x: torch.Tensor, outputs: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits, or with ``outputs`` the whole :class:`ModelOutput` (the form a data-parallel
+        wrapper passes through: ``wrapped(x, outputs=True)``)."""
+        out = self.outputs(x)
+        return out if outputs else out.logits
 
     def last_layer(self) -> nn.Linear | None:
         """The linear layer that maps features to logits (DFR refits it), if there is one."""
@@ -81,7 +87,11 @@ def _builders() -> dict[str, BackboneBuilder]:
     # Imported lazily so that `import unshortcut.models` does not import MONAI.
     from unshortcut.models import monai_nets, small_cnn
 
-    return {"small_cnn": small_cnn.build, **monai_nets.BUILDERS}
+    return {
+        "small_cnn": small_cnn.build,
+        "small_cnn_gn": small_cnn.build_group_norm,
+        **monai_nets.BUILDERS,
+    }
 
 
 def model_names() -> list[str]:
@@ -95,7 +105,7 @@ def build_model(
     n_classes: int,
     input_size: int,
     *,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     head_share: float | None = None,
 ) -> Classifier:
     """A freshly initialised classifier (initialisation uses torch's global RNG).
@@ -117,8 +127,8 @@ def build_model(
         if name not in builders:
             known = ", ".join(sorted(builders))
             raise UnshortcutError(f"--model: unknown model {name!r} (known: {known}, timm:<name>)")
-        if pretrained and name == "small_cnn":
-            raise UnshortcutError("--model small_cnn: has no pretrained weights")
+        if pretrained and name.startswith("small_cnn"):
+            raise UnshortcutError(f"--model {name}: has no pretrained weights")
         backbone, dim = builders[name](in_channels, input_size, pretrained)
     if head_share is None:
         return Classifier(backbone, dim, n_classes)

@@ -1,7 +1,11 @@
 """Backbones from timm (optional extra ``unshortcut[timm]``).
 
-``pretrained=True`` downloads weights, which fails offline: that becomes a clear
-error instead of a network traceback.
+``pretrained`` is ``True`` (the model's default weights), a checkpoint file or a hub
+name, as for the MONAI ResNets; the weights are fetched as a state dict and loaded
+with the same checks and first-convolution rule
+(:func:`unshortcut.models.pretrained.load_into`), using the model's own
+``pretrained_cfg`` for the names of its first convolution and classifier. Fetching
+fails offline: that becomes a clear error instead of a network traceback.
 """
 
 from __future__ import annotations
@@ -9,24 +13,28 @@ from __future__ import annotations
 from torch import nn
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.models.pretrained import load_into, pretrained_state_dict
 
 
-def build(name: str, in_channels: int, pretrained: bool) -> tuple[nn.Module, int]:
+def build(name: str, in_channels: int, pretrained: bool | str) -> tuple[nn.Module, int]:
     try:
         import timm
     except ImportError:
         raise UnshortcutError(
             f"--model timm:{name}: timm is not installed (pip install 'unshortcut[timm]')"
         ) from None
-    if name not in timm.list_models():
+    if not (timm.is_model(name) or name.startswith("hf-hub:")):
         raise UnshortcutError(f"--model timm:{name}: timm has no model named {name!r}")
-    try:
-        net = timm.create_model(name, pretrained=pretrained, in_chans=in_channels, num_classes=0)
-    except (OSError, RuntimeError) as error:
-        if not pretrained:
-            raise
-        raise UnshortcutError(
-            f"--model timm:{name}: pretrained weights are unavailable ({error}); "
-            "connect to the network once or train without --pretrained"
-        ) from None
+    net = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
+    if pretrained:
+        spec = name if pretrained is True else pretrained
+        config = net.pretrained_cfg
+        load_into(
+            net,
+            pretrained_state_dict(spec),
+            source=str(spec),
+            model=f"timm:{name}",
+            first_conv=config.get("first_conv") or (),
+            classifier=config.get("classifier"),
+        )
     return net, int(net.num_features)

@@ -1,17 +1,27 @@
 """Images + tumor masks -> a labelled patch set (the library side of ``unshortcut patchify``).
 
-Order of work, chosen so that a user's mistake costs nothing and a crash leaves nothing:
-every image and mask is opened and checked first (sizes, masks present, patch fits);
+Order of work, chosen so that a user's mistake costs nothing and a crash loses little:
+every image and mask is opened and checked first (sizes, masks present, mask encodings,
+annotation files parsed, patch fits, one channel count and pixel type);
 then each image is tiled in one decode pass (see :mod:`unshortcut.tiling.bands`),
 tissue is measured for every grid position, glass-only patches are dropped and the
-kept ones are appended to the final pixel store; splits are drawn last, when the
-labels of all patches are known. All files are written inside an atomic directory.
+kept ones are written to the image's own *part* (``OUT.partial/parts/<n>/``, each part
+written atomically). Images are tiled in parallel processes when ``workers > 1``, with
+memory bounded per worker (a few bands of one image). A killed patchify keeps its
+finished parts: the same command again tiles only the images that are missing. Last,
+the parts are joined in image order into one patch set (byte for byte what a serial
+run writes), splits are drawn when the labels of all patches are known, and the set
+is renamed into place atomically; then the partial folder goes.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from unshortcut.atomic import atomic_directory
+from unshortcut.atomic import atomic_directory, atomic_write_text
 from unshortcut.errors import UnshortcutError
+from unshortcut.io.annotation_classes import (
+    DEFAULT_EXCLUDE_CLASSES,
+    DEFAULT_TUMOR_CLASSES,
+    AnnotationClasses,
+)
+from unshortcut.io.discover import MISSING_MASK_RULES
 from unshortcut.tiling.bands import tile_image
 from unshortcut.tiling.grid import Grid, labels_from_fractions, make_grid, thumbnail_factor
 from unshortcut.tiling.patchset import (
@@ -39,6 +55,8 @@ from unshortcut.tiling.patchset import (
 from unshortcut.tiling.splits import SPLIT_UNITS, draw_splits, split_warnings, unit_keys
 
 if TYPE_CHECKING:
+    from unshortcut.io.discover import ImageEntry
+    from unshortcut.io.tumor import TumorMask
     from unshortcut.tiling.tissue import TissueMask
 
 DEFAULT_MIN_TISSUE = 0.05
@@ -48,6 +66,10 @@ _PATCH_COLUMNS = ("patch_id", "x", "y", "size", "level", "tumor_fraction", "tiss
 PYRAMID_THUMBNAIL_SIDE = 4096
 # Patches are compacted from the temporary store this many at a time.
 _COMPACT_CHUNK = 1024
+#: --background choices and the tissue polarity each one means.
+BACKGROUNDS = {"auto": "auto", "bright": "bright-background", "dark": "dark-background"}
+#: Image ids a warning lists before it only counts the rest.
+_SHOWN_IDS = 8
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,12 @@ class PatchifyConfig:
     region_size: int | None = None
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
+    background: str = "auto"
+    tumor_values: tuple[int, ...] | None = None
+    tissue_values: tuple[int, ...] | None = None
+    tumor_classes: tuple[str, ...] = DEFAULT_TUMOR_CLASSES
+    exclude_classes: tuple[str, ...] = DEFAULT_EXCLUDE_CLASSES
+    missing_mask: str = "error"
 
     @property
     def resolved_stride(self) -> int:
@@ -102,6 +130,30 @@ class PatchifyConfig:
             )
         if self.region_size is not None and self.region_size < 1:
             raise UnshortcutError("--region-size: must be a positive number of pixels")
+        if self.background not in BACKGROUNDS:
+            raise UnshortcutError(
+                f"--background: unknown polarity {self.background!r} (use auto, bright or dark)"
+            )
+        if self.missing_mask not in MISSING_MASK_RULES:
+            raise UnshortcutError(
+                f"--missing-mask: unknown rule {self.missing_mask!r} (use error or negative)"
+            )
+        for option, values in (("--tumor-values", self.tumor_values),
+                               ("--tissue-values", self.tissue_values)):  # fmt: skip
+            if values is not None and (not values or min(values) < 1):
+                raise UnshortcutError(
+                    f"{option}: give positive label values (0 is always background)"
+                )
+        if self.tissue_values is not None and self.tumor_values is None:
+            raise UnshortcutError(
+                "--tissue-values: reads the masks as label maps, so say which of their "
+                "values are tumor with --tumor-values too"
+            )
+        self.annotation_classes.validate()
+
+    @property
+    def annotation_classes(self) -> AnnotationClasses:
+        return AnnotationClasses(self.tumor_classes, self.exclude_classes)
 
 
 @dataclass
@@ -116,14 +168,24 @@ class PatchifyResult:
 
 @dataclass
 class _Source:
-    """One checked image: readers open, grid known, tissue mask when precomputed."""
+    """One checked image: its files, level-0 shape, grid, and what its tumor mask is."""
 
-    image_id: str
-    image_path: Path
-    mask_path: Path
-    tissue_path: Path | None
+    entry: ImageEntry
+    shape: tuple[int, int]
     grid: Grid
     downsample: int
+    tumor_source: str
+    warnings: list[str]
+    pixel_kind: tuple[int, str]
+    """(channels, dtype) of the image."""
+
+    @property
+    def image_id(self) -> str:
+        return self.entry.image_id
+
+    @property
+    def image_path(self) -> Path:
+        return self.entry.image
 
 
 BandHook = Callable[[str, int, int, int], Callable[[], None]]
@@ -137,15 +199,25 @@ def patchify(
     config: PatchifyConfig | None = None,
     overwrite: bool = False,
     on_image: BandHook | None = None,
+    workers: int = 1,
 ) -> PatchifyResult:
-    """Tile every image of ``data_dir`` into a patch set at ``out_dir``."""
+    """Tile every image of ``data_dir`` into a patch set at ``out_dir``.
+
+    ``workers`` images are tiled at once in separate processes; the result does not
+    depend on it. An interrupted run's finished images (``OUT.partial/``) are reused
+    when the command is the same.
+    """
     from unshortcut.io.discover import discover_dataset
     from unshortcut.io.metadata import read_metadata
 
     config = config or PatchifyConfig()
     config.validate()
+    if workers < 1:
+        raise UnshortcutError(f"--workers: must be at least 1, got {workers}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    entries = discover_dataset(data_dir)
+    if out_dir.exists() and not overwrite:
+        raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    entries = discover_dataset(data_dir, config.missing_mask)
     metadata_path = data_dir / "metadata.csv"
     metadata = (
         read_metadata(metadata_path, [e.image_id for e in entries])
@@ -153,22 +225,182 @@ def patchify(
         else None
     )
     sources = [_check_entry(entry, config) for entry in entries]
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        parts, per_image, pixel_info = _tile_all(sources, config, tmp, on_image)
-        table = _assemble_table(parts, metadata, config)
-        warnings = split_warnings(
-            table,
-            None if "split" in _columns(metadata) else config.split_fractions,
-            check_patients=config.split_unit != "region",
-        )
-        write_table(table, tmp / TABLE_FILE)
-        manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
-        write_manifest(manifest, tmp / MANIFEST_FILE)
+    _check_pixel_types(sources)
+    _check_metadata_columns(metadata)
+    partial = partial_folder(out_dir)
+    notes = _prepare_partial(partial, data_dir, config, sources)
+    try:
+        _tile_parts(sources, config, partial, on_image, workers)
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            parts, per_image, pixel_info = _join_parts(sources, partial, config, tmp)
+            table = _assemble_table(parts, metadata, config)
+            warnings = notes + _input_warnings(sources, per_image)
+            warnings += split_warnings(
+                table,
+                None if "split" in _columns(metadata) else config.split_fractions,
+                check_patients=config.split_unit != "region",
+            )
+            write_table(table, tmp / TABLE_FILE)
+            manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
+            write_manifest(manifest, tmp / MANIFEST_FILE)
+    except UnshortcutError:
+        # A mistake in the input or settings: fixing it changes the plan, so the parts
+        # could not be reused; nothing is left behind.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial)
     return PatchifyResult(out_dir, table, manifest, warnings)
 
 
-def _check_entry(entry: Any, config: PatchifyConfig) -> _Source:
-    """Fail early on levels and patch sizes (discovery already matched masks to images)."""
+def _check_metadata_columns(metadata: pd.DataFrame | None) -> None:
+    reserved = sorted(set(_columns(metadata)) & set(_PATCH_COLUMNS))
+    if reserved:
+        raise UnshortcutError(
+            f"metadata.csv: column(s) {', '.join(reserved)} are patch attributes computed by "
+            "patchify; rename them"
+        )
+
+
+def partial_folder(out_dir: Path) -> Path:
+    """Where an unfinished patchify keeps the images it has tiled (visible, beside OUT)."""
+    return out_dir.with_name(f"{out_dir.name}.partial")
+
+
+def _plan(data_dir: Path, config: PatchifyConfig, sources: list[_Source]) -> dict[str, Any]:
+    """What the parts depend on: the settings and every input file's size and age."""
+    files = []
+    for source in sources:
+        entry = source.entry
+        for path in (entry.image, entry.mask, entry.annotation, entry.tissue):
+            if path is not None:
+                stat = Path(path).stat()
+                files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    return {"data": str(data_dir.resolve()), "parameters": parameters, "files": files}
+
+
+def _prepare_partial(
+    partial: Path, data_dir: Path, config: PatchifyConfig, sources: list[_Source]
+) -> list[str]:
+    """Reuse an interrupted run's parts when its plan is this one; else start afresh.
+
+    Returns the notes the user must read (what was reused, what was discarded).
+    """
+    plan = _plan(data_dir, config, sources)
+    plan_file = partial / "plan.json"
+    notes = []
+    if partial.is_dir():
+        same = plan_file.is_file() and json.loads(plan_file.read_text("utf-8")) == plan
+        if same:
+            done = sum(1 for i in range(len(sources)) if _part(partial, i).is_dir())
+            notes.append(
+                f"resumed an interrupted patchify: {done} of {len(sources)} image(s) were "
+                f"already tiled in {partial}"
+            )
+        else:
+            notes.append(
+                f"{partial}: held an interrupted patchify of other inputs or settings; "
+                "discarded and started afresh"
+            )
+            shutil.rmtree(partial)
+    if not partial.is_dir():
+        (partial / "parts").mkdir(parents=True)
+        atomic_write_text(plan_file, json.dumps(plan, indent=2))
+    return notes
+
+
+def _part(partial: Path, index: int) -> Path:
+    return partial / "parts" / f"{index:06d}"
+
+
+def _tile_parts(
+    sources: list[_Source],
+    config: PatchifyConfig,
+    partial: Path,
+    on_image: BandHook | None,
+    workers: int,
+) -> None:
+    """Tile every image without a finished part: in this process (with per-band progress),
+    or in ``workers`` spawned processes (progress per image)."""
+    todo = [i for i in range(len(sources)) if not _part(partial, i).is_dir()]
+    done = len(sources) - len(todo)
+    if workers == 1 or len(todo) < 2:
+        for index in todo:
+            source = sources[index]
+            hook = (
+                on_image(source.image_id, done, len(sources), source.grid.rows)
+                if on_image
+                else None
+            )
+            tile_part(source, config, _part(partial, index), hook)
+            done += 1
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+        futures = {pool.submit(tile_part, sources[i], config, _part(partial, i)): i for i in todo}
+        for future in as_completed(futures):
+            future.result()
+            done += 1
+            if on_image is not None:
+                on_image(sources[futures[future]].image_id, done, len(sources), 0)
+
+
+def tile_part(
+    source: _Source,
+    config: PatchifyConfig,
+    part: Path,
+    on_band: Callable[[], None] | None = None,
+) -> None:
+    """One image into its part folder (written atomically): pixels.npy and masks.npy of
+    the kept patches, rows.parquet, info.json. What a worker process runs."""
+    from unshortcut.io.readers import open_image
+
+    with (
+        atomic_directory(part) as tmp,
+        _opened(open_image(source.image_path)) as reader,
+        _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
+        ExitStack() as stores,
+    ):
+        side = config.input_size
+        pixels = NpyAppender(tmp / PIXELS_FILE, (int(reader.channels), side, side), reader.dtype)
+        masks = NpyAppender(tmp / MASKS_FILE, (side, side), np.uint8)
+        stores.callback(pixels.close)
+        stores.callback(masks.close)
+        frame, info = _tile_one(
+            source, reader, tumor.mask, config, tmp, pixels, masks, on_band or _nothing
+        )
+        frame.to_parquet(tmp / "rows.parquet", index=False)
+        (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
+
+
+def _join_parts(
+    sources: list[_Source], partial: Path, config: PatchifyConfig, out: Path
+) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Append every part's stores to the final ones, in image order."""
+    first = np.load(_part(partial, 0) / PIXELS_FILE, mmap_mode="r")
+    pixel_info = {"channels": int(first.shape[1]), "dtype": str(first.dtype)}
+    side = config.input_size
+    parts: list[pd.DataFrame] = []
+    per_image: dict[str, dict[str, Any]] = {}
+    with ExitStack() as stores:
+        pixels = NpyAppender(out / PIXELS_FILE, first.shape[1:], first.dtype)
+        masks = NpyAppender(out / MASKS_FILE, (side, side), np.uint8)
+        stores.callback(pixels.close)
+        stores.callback(masks.close)
+        for index, source in enumerate(sources):
+            part = _part(partial, index)
+            for name, store in ((PIXELS_FILE, pixels), (MASKS_FILE, masks)):
+                rows = np.load(part / name, mmap_mode="r")
+                for start in range(0, len(rows), _COMPACT_CHUNK):
+                    store.append(np.asarray(rows[start : start + _COMPACT_CHUNK]))
+            parts.append(pd.read_parquet(part / "rows.parquet"))
+            per_image[source.image_id] = json.loads((part / "info.json").read_text("utf-8"))
+    return parts, per_image, pixel_info
+
+
+def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
+    """Fail early on levels, patch sizes, mask encodings and annotation files (discovery
+    already matched masks to images and checked their sizes)."""
     from unshortcut.io.readers import open_image
 
     with _opened(open_image(entry.image)) as reader:
@@ -180,7 +412,23 @@ def _check_entry(entry: Any, config: PatchifyConfig) -> _Source:
         height, width = reader.level_shape(config.level)
         downsample = round(reader.level_downsample(config.level))
         grid = make_grid(height, width, config.patch_size, config.resolved_stride, str(entry.image))
-    return _Source(entry.image_id, entry.image, entry.mask, entry.tissue, grid, downsample)
+        shape = reader.level_shape(0)
+        pixel_kind = (int(reader.channels), str(np.dtype(reader.dtype)))
+    if config.tissue_values is not None and entry.tissue is not None and entry.mask is not None:
+        raise UnshortcutError(
+            f"tissue/{entry.tissue.name}: --tissue-values already takes the tissue of image "
+            f"{entry.image_id!r} from masks/{entry.mask.name}; use one of them"
+        )
+    with _opened(_open_tumor(entry, shape, config)) as tumor:
+        return _Source(entry, shape, grid, downsample, tumor.source, tumor.warnings, pixel_kind)
+
+
+def _open_tumor(entry: ImageEntry, shape: tuple[int, int], config: PatchifyConfig) -> TumorMask:
+    from unshortcut.io.tumor import open_tumor_mask
+
+    return open_tumor_mask(
+        entry, shape, config.annotation_classes, config.tumor_values, config.tissue_values
+    )
 
 
 @contextmanager
@@ -193,58 +441,24 @@ def _opened(reader: Any) -> Iterator[Any]:
             close()
 
 
-def _tile_all(
-    sources: list[_Source], config: PatchifyConfig, out: Path, on_image: BandHook | None
-) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
-    """Tile each image, keep patches with enough tissue, append them to the pixel stores."""
-    from unshortcut.io.masks import open_mask
-    from unshortcut.io.readers import open_image
-
-    work = out / ".work"
-    work.mkdir()
-    parts: list[pd.DataFrame] = []
-    per_image: dict[str, dict[str, Any]] = {}
-    pixel_info: dict[str, Any] = {}
-    with ExitStack() as stores:
-        pixels: NpyAppender | None = None
-        masks: NpyAppender | None = None
-        for done, source in enumerate(sources):
-            with (
-                _opened(open_image(source.image_path)) as reader,
-                _opened(open_mask(source.mask_path)) as mask,
-            ):
-                if pixels is None or masks is None:
-                    channels, side = int(reader.channels), config.input_size
-                    pixel_info = {"channels": channels, "dtype": str(np.dtype(reader.dtype))}
-                    pixels = NpyAppender(out / PIXELS_FILE, (channels, side, side), reader.dtype)
-                    masks = NpyAppender(out / MASKS_FILE, (side, side), np.uint8)
-                    stores.callback(pixels.close)
-                    stores.callback(masks.close)
-                _check_same_pixels(source, reader, pixel_info)
-                hook = (
-                    on_image(source.image_id, done, len(sources), source.grid.rows)
-                    if on_image
-                    else _nothing
-                )
-                frame, info = _tile_one(source, reader, mask, config, work, pixels, masks, hook)
-            parts.append(frame)
-            per_image[source.image_id] = info
-    shutil.rmtree(work)
-    return parts, per_image, pixel_info
-
-
 def _nothing() -> None:
     """Per-band callback when nobody is watching."""
 
 
-def _check_same_pixels(source: _Source, reader: Any, pixel_info: dict[str, Any]) -> None:
-    """One pixel store holds one channel count and dtype; mixed data sets are refused."""
-    channels, dtype = int(reader.channels), str(np.dtype(reader.dtype))
-    if (channels, dtype) != (pixel_info["channels"], pixel_info["dtype"]):
-        raise UnshortcutError(
-            f"{source.image_path}: has {channels} channel(s) of {dtype}, other images have "
-            f"{pixel_info['channels']} of {pixel_info['dtype']}; patchify them separately"
-        )
+def _check_pixel_types(sources: list[_Source]) -> None:
+    """One pixel store holds one channel count and pixel type: name the images that differ
+    from the most common one (not merely from the first image read)."""
+    kinds = Counter(s.pixel_kind for s in sources)
+    if len(kinds) < 2:
+        return
+    (channels, dtype), count = kinds.most_common(1)[0]
+    odd = [s for s in sources if s.pixel_kind != (channels, dtype)]
+    shown = ", ".join(f"{s.image_path} ({s.pixel_kind[0]} x {s.pixel_kind[1]})" for s in odd[:3])
+    more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    raise UnshortcutError(
+        f"{shown}{more}: channel count or pixel type differs from the other {count} image(s) "
+        f"({channels} channel(s) of {dtype}); patchify them separately or convert them"
+    )
 
 
 def _tile_one(
@@ -301,6 +515,8 @@ def _tile_one(
             "synthetic": False,
         }
     )
+    kept_ratios = tissue_ratio[keep]
+    constant = kept_ratios.size > 1 and float(np.ptp(kept_ratios)) == 0.0
     info = {
         "height": grid.height * ds,
         "width": grid.width * ds,
@@ -308,9 +524,11 @@ def _tile_one(
         "kept": int(keep.sum()),
         "tumor": int(labels[keep].sum()),
         "dropped_glass": int((~keep).sum()),
+        "tumor_source": source.tumor_source,
         "tissue": tissue_source,
         "tissue_threshold": tissue.threshold,
         "tissue_polarity": tissue.polarity,
+        "tissue_ratio_constant": float(kept_ratios[0]) if constant else None,
     }
     return frame, info
 
@@ -320,21 +538,27 @@ def _precomputed_tissue(
 ) -> tuple[TissueMask | None, str]:
     """A tissue mask that needs no pass over full-resolution pixels, when one exists.
 
-    A tissue/ mask file wins; otherwise a pyramid level of at most
-    ``PYRAMID_THUMBNAIL_SIDE`` pixels a side serves as the thumbnail. Returns
-    (None, "") when the thumbnail must be accumulated during tiling.
+    A tissue/ mask file wins, then the label map when ``--tissue-values`` names its
+    tissue values; otherwise a pyramid level of at most ``PYRAMID_THUMBNAIL_SIDE``
+    pixels a side serves as the thumbnail. Returns (None, "") when the thumbnail must
+    be accumulated during tiling.
     """
     from unshortcut.tiling.tissue import thumbnail_of, tissue_from_mask_file
 
-    grid, ds = source.grid, source.downsample
+    grid, ds, entry = source.grid, source.downsample, source.entry
     resolution = ds * thumbnail_factor(grid.size, grid.stride, grid.height, grid.width)
-    if source.tissue_path is not None:
-        tissue = tissue_from_mask_file(source.tissue_path, reader.level_shape(0), resolution)
-        return tissue, f"mask file {source.tissue_path.name}"
+    if entry.tissue is not None:
+        tissue = tissue_from_mask_file(entry.tissue, source.shape, resolution)
+        return tissue, f"mask file {entry.tissue.name}"
+    if config.tissue_values is not None and entry.mask is not None:
+        values, tumor = config.tissue_values, config.tumor_values or ()
+        tissue = tissue_from_mask_file(entry.mask, source.shape, resolution, values, tumor)
+        return tissue, f"label map {entry.mask.name}, values {', '.join(map(str, values))}"
     smallest = min(max(reader.level_shape(level)) for level in range(reader.level_count))
     if reader.level_count > 1 and smallest <= PYRAMID_THUMBNAIL_SIDE:
         thumbnail, downsample = thumbnail_of(reader, PYRAMID_THUMBNAIL_SIDE)
-        return _detect_tissue(thumbnail, downsample, config), f"pyramid level 1/{downsample:.0f}"
+        tissue = _detect_tissue(thumbnail, downsample, config)
+        return tissue, f"pyramid level 1/{downsample:.0f}"
     return None, ""
 
 
@@ -349,8 +573,41 @@ def _detect_tissue(
         downsample,
         method=config.tissue_method,  # type: ignore[arg-type]
         threshold=config.tissue_threshold,
+        polarity=BACKGROUNDS[config.background],  # type: ignore[arg-type]
         min_object_px=config.min_object_size,
     )
+
+
+def _input_warnings(sources: list[_Source], per_image: dict[str, dict[str, Any]]) -> list[str]:
+    """What the user must hear about the inputs: tumor-free by default, annotation files
+    that say something else than meant, and images whose tissue ratio is constant."""
+    warnings = [w for source in sources for w in source.warnings]
+    negatives = [s.image_id for s in sources if s.entry.mask is None and not s.entry.annotation]
+    if negatives:
+        warnings.append(
+            f"{len(negatives)} image(s) without a mask or annotation count as tumor-free "
+            f"(--missing-mask negative): {_some(negatives)}"
+        )
+    constant: dict[float, list[str]] = {}
+    for image_id, info in per_image.items():
+        if info["tissue_ratio_constant"] is not None:
+            constant.setdefault(info["tissue_ratio_constant"], []).append(image_id)
+    for value, ids in sorted(constant.items()):
+        warnings.append(
+            f"tissue_ratio is {value:.3f} on every kept patch of {len(ids)} image(s) "
+            f"({_some(ids)}): no glass/background told apart from tissue there. Where all "
+            "patches share one tissue ratio, tissue_ratio groups are empty on one side of "
+            "any --tau and audit/train refuse it. If the images do show background, set "
+            "--tissue-method threshold --tissue-threshold T --background bright|dark (or "
+            "give tissue/ masks); otherwise group by another --attribute"
+        )
+    return warnings
+
+
+def _some(ids: list[str]) -> str:
+    """The first few ids of a list for a warning, then how many more."""
+    more = len(ids) - _SHOWN_IDS
+    return ", ".join(ids[:_SHOWN_IDS]) + (f" and {more} more" if more > 0 else "")
 
 
 def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> None:
@@ -378,12 +635,6 @@ def _assemble_table(
             f"--min-tissue: no patch holds at least {config.min_tissue:.0%} tissue; lower it"
         )
     meta_columns = [c for c in _columns(metadata) if c != "image_id"]
-    reserved = sorted(set(meta_columns) & set(_PATCH_COLUMNS))
-    if reserved:
-        raise UnshortcutError(
-            f"metadata.csv: column(s) {', '.join(reserved)} are patch attributes computed by "
-            "patchify; rename them"
-        )
     if "synthetic" in meta_columns:  # a generator may mark its own images
         table = table.drop(columns="synthetic")
     if metadata is not None:
@@ -415,9 +666,8 @@ def _manifest(
     pixel_info: dict[str, Any],
     metadata: pd.DataFrame | None,
 ) -> dict[str, Any]:
-    parameters = asdict(config)
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     parameters["stride"] = config.resolved_stride
-    parameters["split_fractions"] = list(config.split_fractions)
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {

@@ -23,6 +23,13 @@ Detection (:func:`detect_tissue_from_thumbnail`)
        crops: 0.27-0.53), and otherwise calls the whole image tissue (polarity
        ``none``). A textured or unevenly lit background can fail this test; set
        ``polarity``, give a precomputed ``tissue/`` mask, or skip tissue filtering.
+       A fixed threshold (method ``threshold``) is the user's word on where background
+       ends, so neither test overrules it: on an image filled with tissue the border
+       and majority sides are tissue, and the flatness test would call everything
+       tissue, which is exactly what a user who sets a threshold there does not want.
+       With ``auto`` polarity the threshold itself says which side is background: a
+       cut at 0.5 or above is set just under bright glass (brightfield), a cut below
+       0.5 just over a dark field (fluorescence, multimodal).
     4. Clean-up: a closing (radius in thumbnail pixels) joins fragmented tissue, then
        objects and holes smaller than ``min_object_px`` x ``min_object_px`` full-resolution
        pixels are removed and filled.
@@ -38,7 +45,7 @@ Fractions (:meth:`TissueMask.fractions`)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -144,7 +151,9 @@ def detect_tissue_from_thumbnail(
     else:
         raise UnshortcutError(f"tissue method: unknown {method!r} (use otsu or threshold)")
     bright = grey > cut
-    if polarity == "auto":
+    if polarity == "auto" and method == "threshold":
+        polarity = "bright-background" if cut >= 0.5 else "dark-background"
+    elif polarity == "auto":
         polarity = _background_side(bright)
         if not _flat_background(grey, bright, polarity):
             return TissueMask(np.ones(grey.shape, bool), float(downsample), None, cut, "none")
@@ -271,15 +280,22 @@ def _block_mean(bands: Iterable[tuple[int, np.ndarray]], factor: int) -> np.ndar
 
 
 def tissue_from_mask_file(
-    path: Path | str, shape: tuple[int, int], downsample: float
+    path: Path | str,
+    shape: tuple[int, int],
+    downsample: float,
+    values: Collection[int] | None = None,
+    allowed: Collection[int] = (),
 ) -> TissueMask:
     """A precomputed tissue mask (binarised like tumor masks) for an image of ``shape``.
 
     The file may be at full resolution or any lower one with the image's aspect ratio;
     it is averaged down by an integer factor towards ``downsample`` (full-resolution
     pixels per mask pixel), keeping the exact coverage of each averaged pixel.
+    ``values``/``allowed`` read a label map (tissue = one of ``values``; see
+    :class:`~unshortcut.io.masks.MaskReader`), so a tumor label map can serve as the
+    tissue mask too.
     """
-    with open_mask(path) as mask:
+    with open_mask(path, values, allowed) as mask:
         mask_h, mask_w = mask.shape
         scale = shape[0] / mask_h
         if abs(shape[1] - mask_w * scale) > max(scale, 1.0):
