@@ -39,6 +39,12 @@ with the model; the moving averages are buffers of the estimators, so they are
 checkpointed (and a killed run resumes exactly) with them. Their sizes depend on the
 model's feature size, so they are built when the loop hands over the model
 (``optimizers``). Every loss term and each pair's MI estimate is logged per epoch.
+
+Under data parallelism the marginal pairs are shuffled over the whole global batch, so
+the features are gathered from every rank (``distributed.gather_batch``, with
+gradients) and every rank computes the same MI terms, estimator step and moving
+averages; the row losses are global-batch means. The permutation comes from a stream of
+its own (seed and step count), so ranks agree and a resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from unshortcut import distributed
 from unshortcut.errors import UnshortcutError
 from unshortcut.methods.base import HParam, Method, Optimizers, TrainContext
 from unshortcut.methods.registry import register
@@ -64,6 +71,7 @@ PAIRS: tuple[str, ...] = ("all", "task")
 TASK = "task"
 _EPS = 1e-12
 _INIT_STREAM = 0x4D494D4D  # "MIMM": the seed word of the heads' and critics' initialisation
+_SHUFFLE_STREAM = 0x53485546  # "SHUF": the seed word of the marginal pairs' permutations
 
 
 def log_mean_exp(values: torch.Tensor) -> torch.Tensor:
@@ -128,7 +136,9 @@ def adaptive_weight(
 
     Gradients are taken with respect to ``features`` (a tensor both losses were computed
     from), keeping the graph for the step's own backward pass. 0 when the MI term has no
-    gradient there.
+    gradient there. Under data parallelism ``features`` is a rank's share and the norms
+    are those over the global batch (squared norms summed over ranks; both gradients
+    carry the same factor there, so the ratio is the single-process one).
     """
     task_grad, mi_grad = (
         torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)[0]
@@ -136,8 +146,9 @@ def adaptive_weight(
     )
     if mi_grad is None or task_grad is None:
         return 0.0
-    mi_norm = float(mi_grad.norm())
-    return 0.0 if mi_norm < _EPS else ratio * float(task_grad.norm()) / mi_norm
+    squared = torch.stack([task_grad.double().pow(2).sum(), mi_grad.double().pow(2).sum()])
+    task_norm, mi_norm = distributed.all_reduce_sum(squared).sqrt().tolist()
+    return 0.0 if mi_norm < _EPS else ratio * task_norm / mi_norm
 
 
 def part_sizes(n_features: int, head_features: int, n_attributes: int) -> list[int]:
@@ -233,6 +244,7 @@ class MIMM(Method):
         self.pair_names = [f"mi_{names[i]}_{names[j]}" for i, j in self.pairs]
         self.networks = nn.ModuleDict()
         self.sizes: list[int] = []
+        self.steps = 0
 
     def extra_modules(self) -> nn.Module:
         """Heads and estimators (empty until ``optimizers`` has seen the model)."""
@@ -293,17 +305,27 @@ class MIMM(Method):
     def attribute_losses(
         self, parts: list[torch.Tensor], index: torch.Tensor
     ) -> list[torch.Tensor]:
-        """Each head's loss on its part: cross-entropy (categorical) or MSE (continuous)."""
+        """Each head's loss on its part: cross-entropy (categorical) or squared error
+        (continuous), averaged over the global batch."""
         rows = index.cpu()
         losses = []
         for j, head in enumerate(self.networks["heads"]):
             target = self.targets[j][rows].to(parts[0].device)
             output = head(parts[j + 1])
             if self.continuous[j]:
-                losses.append(F.mse_loss(output.squeeze(1), target))
+                row_losses = F.mse_loss(output.squeeze(1), target, reduction="none")
             else:
-                losses.append(F.cross_entropy(output, target))
+                row_losses = F.cross_entropy(output, target, reduction="none")
+            losses.append(distributed.global_mean(row_losses))
         return losses
+
+    def shuffle(self, n: int, device: torch.device) -> torch.Tensor:
+        """This step's permutation of the global batch (the marginal pairs)."""
+        seed = int(
+            np.random.default_rng([self.ctx.seed, _SHUFFLE_STREAM, self.steps]).integers(2**62)
+        )
+        self.steps += 1
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
     def train_step(
         self, model: nn.Module, batch: Batch, optimizers: Optimizers
@@ -314,26 +336,29 @@ class MIMM(Method):
         if features is None:
             raise UnshortcutError("method 'mimm': the model exposes no backbone features")
         parts = self.split(features)
-        # The marginal pairs of both steps: one permutation from the loop's seeded torch RNG.
-        shuffle = torch.randperm(len(batch)).to(features.device)
+        # MI is a statistic of the whole batch: its parts from every rank, in batch order.
+        batch_parts = self.split(distributed.gather_batch(features))
+        # The marginal pairs of both steps: one permutation of the global batch.
+        shuffle = self.shuffle(len(batch_parts[0]), features.device)
 
         estimator_objective, estimates = self.mutual_information(
-            [p.detach() for p in parts], shuffle, update=True
+            [p.detach() for p in batch_parts], shuffle, update=True
         )
         optimizers["estimator"].zero_grad(set_to_none=True)
-        (-estimator_objective).backward()
+        (-estimator_objective).backward()  # the same on every rank: no averaging needed
         optimizers["estimator"].step()
 
-        task_loss = F.cross_entropy(out.logits, batch.y)
+        task_loss = distributed.global_mean(F.cross_entropy(out.logits, batch.y, reduction="none"))
         attribute_losses = self.attribute_losses(parts, batch.index)
         supervised = (
             task_loss + float(self.hp["attribute_weight"]) * torch.stack(attribute_losses).sum()
         )
         with frozen(self.networks["estimators"]):
-            mi, encoder_estimates = self.mutual_information(parts, shuffle, update=False)
+            mi, encoder_estimates = self.mutual_information(batch_parts, shuffle, update=False)
             weight = adaptive_weight(task_loss, mi, features, float(self.hp["mi_ratio"]))
             optimizers["model"].zero_grad(set_to_none=True)
             (supervised + weight * mi).backward()
+        distributed.average_unmanaged_gradients([optimizers["model"]])  # the heads
         optimizers["model"].step()
         # The objective as a number: the MI term at its DV value (the corrected
         # objective only has the right gradient, not the right value).
@@ -351,6 +376,13 @@ class MIMM(Method):
             name: float(value) for name, value in zip(self.pair_names, estimates, strict=True)
         }
         return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count (the permutation stream); estimators are extra modules."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
 
     def run_report(self) -> dict[str, Any]:
         """The feature split and the estimated pairs."""
