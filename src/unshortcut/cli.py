@@ -287,6 +287,26 @@ def train_command(
     model: str | None = typer.Option(
         None, "--model", help="small_cnn, resnet18/34/50, or timm:<name> (default: small_cnn)."
     ),
+    pretrained: str | None = typer.Option(
+        None,
+        "--pretrained",
+        help="Start from pretrained weights: a checkpoint file (.pth/.safetensors, "
+        "torchvision- or timm-style ResNet state dict), a hub name (hf-hub:org/repo), or "
+        "imagenet (needs a reachable hub) (default: none).",
+    ),
+    hed_jitter: float | None = typer.Option(
+        None,
+        "--hed-jitter",
+        help="HED stain augmentation strength (scale and shift of each stain; 0.05 light, "
+        "0.2 strong); RGB brightfield (H&E) patch sets only (default: 0, off).",
+    ),
+    stain_normalization: str | None = typer.Option(
+        None,
+        "--stain-normalization",
+        help="none, macenko or reinhard: map every patch onto the training split's stain "
+        "(fitted on training patches, applied alike at validation, test, evaluate and "
+        "predict); RGB brightfield only (default: none).",
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 0.01)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
     hp: list[str] | None = typer.Option(
@@ -339,6 +359,9 @@ def train_command(
         seed=seed,
         epochs=epochs,
         model=model,
+        pretrained=pretrained,
+        hed_jitter=hed_jitter,
+        stain_normalization=stain_normalization,
         lr=lr,
         batch_size=batch_size,
         hp=parse_hp(hp) if hp else None,
@@ -846,3 +869,85 @@ def generate_sample_command(
     console.print(table)
     report = result.patchset.path / "quality" / "quality.json"
     console.print(f"quality report: {report}", soft_wrap=True, highlight=False)
+
+
+@command("predict")
+def predict_command(
+    run: Path = typer.Argument(..., help="Run folder written by `unshortcut train`."),
+    images: list[Path] = typer.Argument(
+        ..., help="Images to score: any format patchify reads (tiled TIFF, OpenSlide, PNG, ...)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for one sub-folder per image."),
+    threshold: float = typer.Option(
+        0.5, "--threshold", help="Tumor probability from which a patch is called Tumor."
+    ),
+    shaky_below: float = typer.Option(
+        0.7,
+        "--shaky-below",
+        help="Patches whose worst group validation accuracy (any class, same attribute "
+        "bin) is below this are marked shaky.",
+    ),
+    metadata: Path | None = typer.Option(
+        None,
+        "--metadata",
+        help="CSV with image_id and the image-level attributes the run's groups use "
+        "(one row per image).",
+    ),
+    min_tissue: float | None = typer.Option(
+        None,
+        "--min-tissue",
+        help="Score patches with at least this tissue ratio (default: the run's patch set's).",
+    ),
+    criterion: str | None = typer.Option(
+        None, "--criterion", help="Which selected checkpoint (default: the run's primary)."
+    ),
+    csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Patches per inference batch."),
+    thumbnail_size: int = typer.Option(
+        2048, "--thumbnail-size", help="Longest side of overlay.png and shaky.png in pixels."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing image folders."),
+) -> None:
+    """Tumor heat maps of whole images: per-patch probabilities, QuPath GeoJSON, overlays.
+
+    Images are cut and their tissue detected as the run's patch set was; only tissue
+    patches are scored, with bounded memory. Every patch also carries its group and
+    that group's validation accuracy, shown as a second, shaky-ground layer.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from unshortcut.predict import PredictOptions, predict
+
+    options = PredictOptions(
+        threshold=threshold,
+        shaky_below=shaky_below,
+        csv=csv,
+        batch_size=batch_size,
+        thumbnail_side=thumbnail_size,
+        min_tissue=min_tissue,
+        criterion=criterion,
+        device=device,
+        metadata=metadata,
+        overwrite=overwrite,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=error_console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(image_id: str, stage: str, done: int, total: int) -> None:
+            key = f"{image_id} {stage}"
+            if key not in tasks:
+                tasks[key] = progress.add_task(key, total=total)
+            progress.update(tasks[key], completed=done, total=total)
+
+        results = predict(run, images, out, options, on_progress)
+    for result in results:
+        for problem in result.warnings:
+            error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
+        console.print(
+            f"{result.image_id}: {result.scored} of {result.grid_patches} patches scored "
+            f"({result.patches_per_second:.0f}/s), {result.tumor} tumor, {result.shaky} on "
+            f"shaky ground -> {result.folder}",
+            highlight=False,
+        )

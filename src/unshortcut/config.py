@@ -39,9 +39,16 @@ class TrainConfig(BaseModel):
         "the run's attributes); metrics and selection always use attributes",
     )
     model: str = "small_cnn"
-    pretrained: bool = False
+    pretrained: bool | str = Field(
+        False,
+        description="False, True (ImageNet weights from the hub), a checkpoint file or a hub name",
+    )
     normalize: bool = Field(True, description="per-channel mean/std of the training split")
     augment: bool = True
+    hed_jitter: float = Field(
+        0.0, ge=0, lt=1, description="HED stain jitter strength (scale and shift); 0 = off"
+    )
+    stain_normalization: Literal["none", "macenko", "reinhard"] = "none"
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -68,6 +75,22 @@ class TrainConfig(BaseModel):
     def _absolute(cls, value: Path) -> Path:
         """Stored resolved, so a run folder opens its patch set from any working directory."""
         return value.expanduser().resolve()
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, value: Any) -> Any:
+        """``imagenet``/``true`` mean True; a checkpoint file is stored resolved (like
+        ``patches``), so a run records which file it started from; hub names stay."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.lower() in ("", "false", "none"):
+            return False
+        if text.lower() in ("true", "imagenet"):
+            return True
+        from unshortcut.models.pretrained import is_checkpoint_file
+
+        return str(Path(text).expanduser().resolve()) if is_checkpoint_file(text) else text
 
     @field_validator("select_by")
     @classmethod

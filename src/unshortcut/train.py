@@ -63,6 +63,7 @@ from unshortcut.runs import (
     write_history,
     write_json,
 )
+from unshortcut.stain import check_brightfield
 
 # Separate random streams (the third seed word) so that nothing shares draws.
 _MAIN, _AUX, _INIT, _FINALIZE = 0, 1, 2, 3
@@ -222,7 +223,9 @@ class LoopContext:
         self.seed = config.seed
         self.device = device
         self.pretrained = bool(config.pretrained)
-        self.augmentation = Augmentation() if config.augment else None
+        if config.hed_jitter > 0:
+            check_brightfield(data.patchset.manifest, f"{data.source} (--hed-jitter)")
+        self.augmentation = Augmentation.for_training(config.augment, config.hed_jitter)
         self._models = 0
         self._auxiliaries = 0
         # Validation rows scored for selection and metrics: all of them, unless the
@@ -435,6 +438,7 @@ def training_data(
         taus=config.taus,
         normalize=config.normalize,
         channels_last=config.uses_channels_last(device.type),
+        stain_normalization=config.stain_normalization,
     )
 
 
