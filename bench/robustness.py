@@ -188,14 +188,10 @@ class Runner:
         name = method if not variant else f"{method}@{variant}"
         return self.work / f"tau{tau:g}" / name / f"trial{trial}-seed{seed}"
 
-    def run(self, tau: float, trial: Trial, seed: int, variant: str = "") -> Path:
-        """The run folder of ``trial`` (an ablation ``variant`` of it) at ``seed``, trained
-        unless already finished."""
-        run = self.folder(trial.method, tau, trial.index, seed, variant)
-        if run in self.runs:
-            return run
+    def config(self, run: Path, tau: float, trial: Trial, seed: int, variant: str) -> TrainConfig:
+        """The settings of one run (an experiment with other groups adds its fields)."""
         s = self.settings
-        config = load_config(
+        return load_config(
             patches=self.patches,
             out=run,
             method=trial.method,
@@ -209,6 +205,14 @@ class Runner:
             bootstrap=s.bootstrap,
             num_threads=s.threads,
         )
+
+    def run(self, tau: float, trial: Trial, seed: int, variant: str = "") -> Path:
+        """The run folder of ``trial`` (an ablation ``variant`` of it) at ``seed``, trained
+        unless already finished."""
+        run = self.folder(trial.method, tau, trial.index, seed, variant)
+        if run in self.runs:
+            return run
+        config = self.config(run, tau, trial, seed, variant)
         began = time.monotonic()
         seconds: float | None = None
         if (run / "metrics.json").is_file() or (run / DIVERGED).is_file():

@@ -27,6 +27,13 @@ SETTINGS = {
     "bootstrap": 0,
 }
 RTOL = 1e-5
+METHOD_TOLERANCE = {"mimm": (5e-3, 1e-4)}
+"""(rtol, atol) where the default (RTOL; weights 1e-4, 1e-5) is too strict.
+
+MIMM's MI term is a near-zero difference of log-mean-exps scaled by an adaptive weight
+(~9 here): the rounding of a convolution over half a batch instead of the whole one
+(1e-7 after one epoch) grows to ~1e-3 after two. A missing gradient average or a rank-local
+shuffle moves the numbers by far more."""
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +79,26 @@ def test_two_ranks_equal_one_process(method: str, patches: Path, tmp_path: Path)
     ranked = single.model_copy(update={"out": tmp_path / "ddp"})
     result = torchrun(ranked)
     assert result.returncode == 0, result.stderr[-3000:]
+    rtol, atol = METHOD_TOLERANCE.get(method, (RTOL, 1e-5))
     one = json.loads((single.out / "metrics.json").read_text())
     two = json.loads((ranked.out / "metrics.json").read_text())
     for split in ("val", "test"):
         assert two[split]["n"] == one[split]["n"]  # inference gathered every row
         for key in ("loss", "auroc", "balanced_accuracy", "worst_group_accuracy"):
-            assert two[split][key] == pytest.approx(one[split][key], rel=RTOL, abs=1e-6), key
+            assert two[split][key] == pytest.approx(one[split][key], rel=rtol, abs=1e-6), key
     history = [
         [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
         for run in (single.out, ranked.out)
     ]
     for a, b in zip(*history, strict=True):
         for term, value in a["train"].items():
-            assert b["train"][term] == pytest.approx(value, rel=RTOL, abs=1e-6), term
+            assert b["train"][term] == pytest.approx(value, rel=rtol, abs=1e-6), term
     weights = [
         torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
         for run in (single.out, ranked.out)
     ]
     for name, tensor in weights[0].items():
-        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights[1][name], tensor, rtol=max(1e-4, rtol), atol=atol)
     # One writer: the run folder holds one set of files, no per-rank copies.
     assert sorted(p.name for p in ranked.out.iterdir()) == sorted(
         p.name for p in single.out.iterdir()

@@ -48,6 +48,7 @@ def test_registry_and_attribute_needs() -> None:
         "spatial-box": False,
         "spatial-mask+gerne": True,
         "spatial-mask+reweight": True,
+        "mimm": True,
     }
     assert get_method("dfr").uses_val_attributes({"balance": "group"})
     assert not get_method("dfr").uses_val_attributes({"balance": "class"})

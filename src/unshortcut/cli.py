@@ -276,6 +276,12 @@ def train_command(
     tau: list[float] | None = typer.Option(
         None, "--tau", help="Threshold(s) for bare attribute names (repeatable) (default: 0.5)."
     ),
+    method_attribute: list[str] | None = typer.Option(
+        None,
+        "--method-attribute",
+        help="Attribute the method trains with, if not every --attribute (repeatable; same "
+        "syntax; metrics and selection still use every --attribute).",
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of everything random (default: 0)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default: 10)."),
     model: str | None = typer.Option(
@@ -349,6 +355,7 @@ def train_command(
         method=method,
         attributes=attribute,
         taus=tau,
+        method_attributes=method_attribute,
         seed=seed,
         epochs=epochs,
         model=model,

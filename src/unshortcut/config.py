@@ -33,6 +33,11 @@ class TrainConfig(BaseModel):
     taus: list[float] = Field(
         default_factory=list, description="thresholds of bare attribute names (default 0.5)"
     )
+    method_attributes: list[str] = Field(
+        default_factory=list,
+        description="groups the method trains with, same syntax as attributes (default: "
+        "the run's attributes); metrics and selection always use attributes",
+    )
     model: str = "small_cnn"
     pretrained: bool | str = Field(
         False,

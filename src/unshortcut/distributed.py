@@ -132,6 +132,44 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     return values.sum() * (world() / max(n, 1))
 
 
+class _GatherBatch(torch.autograd.Function):
+    """Forward: every rank's strided share back into the global batch's row order.
+    Backward: each rank's gradient for its own rows, summed over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, share: torch.Tensor, n: int) -> torch.Tensor:
+        ranks = world()
+        longest = -(-n // ranks)
+        padded = share.new_zeros((longest, *share.shape[1:]))
+        padded[: len(share)] = share
+        blocks = [torch.empty_like(padded) for _ in range(ranks)]
+        torch.distributed.all_gather(blocks, padded.contiguous())
+        rows = share.new_empty((n, *share.shape[1:]))
+        for k, block in enumerate(blocks):
+            rows[k::ranks] = block[: len(range(k, n, ranks))]
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = all_reduce_sum(grad.contiguous().clone())
+        return total[rank() :: world()], None
+
+
+def gather_batch(share: torch.Tensor) -> torch.Tensor:
+    """The global batch's rows (in single-process order) from every rank's share, with
+    gradients: for a statistic over pairs of rows (MINE's shuffled pairs) that needs the
+    whole batch on every rank.
+
+    Every rank then computes the same function ``L`` of the gathered rows; the gradient a
+    rank receives for its own rows is the sum over ranks, ``world * dL/dshare``, which
+    the DDP average of the model's gradients turns back into the single-process gradient
+    (:func:`global_mean` gives per-row terms the same factor). In one process: ``share``.
+    """
+    if not active():
+        return share
+    return _GatherBatch.apply(share, global_count(len(share), share.device))
+
+
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks (one flattened all_reduce)."""
     if not active():

@@ -35,6 +35,8 @@ from unshortcut.rows import GroupedSplit, intersection_index
 CLASS_NAMES: tuple[str, ...] = ("non-tumor", "tumor")
 DEFAULT_ATTRIBUTE = "tissue_ratio"
 DEFAULT_TAU = 0.5
+DEFAULT_QUANTILES = 2
+"""Bins of a numeric attribute outside [0, 1] given no thresholds: split at the median."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class AttributeSpec:
     - ``thresholds``: bins ``v < t0``, ``t0 <= v < t1``, ..., ``v >= t_last``;
     - ``quantiles=q``: the same with the training split's ``q``-quantiles as thresholds;
     - ``categorical=True``: one bin per value seen in the training split;
-    - none of them: the single threshold :data:`DEFAULT_TAU`.
+    - none of them: the single threshold :data:`DEFAULT_TAU` for a share in [0, 1]
+      (tissue ratio), the training split's median for any other number (an age), which
+      has no natural threshold: continuous attributes need no hand-picked tau.
 
     ``categorical=None`` is what a bare CLI name (``--attribute site``) gives: the
     column decides at fit time, categorical when it is not numeric (text, boolean),
@@ -387,14 +391,11 @@ def _fit_attribute(table: pd.DataFrame, spec: AttributeSpec, source: str) -> Bin
     array = values.to_numpy(float)
     lo, hi = float(array.min()), float(array.max())
     if spec.quantiles:
-        edges = np.unique(np.quantile(array, np.arange(1, spec.quantiles) / spec.quantiles))
-        edges = edges[edges > lo]  # an edge at the minimum would leave its lower bin empty
-        if edges.size == 0:
-            raise UnshortcutError(
-                f"{source}: '{spec.column}:q{spec.quantiles}' gives a single bin "
-                f"({spec.column} has too few distinct values in the training split)"
-            )
-        return BinnedAttribute(spec.column, edges=tuple(float(e) for e in edges))
+        text = f"{spec.column}:q{spec.quantiles}"
+        return _quantile_bins(spec.column, array, spec.quantiles, text, source)
+    if not spec.thresholds and not (lo >= 0.0 and hi <= 1.0):
+        # DEFAULT_TAU is a threshold for shares in [0, 1]; other numbers (an age) have none.
+        return _quantile_bins(spec.column, array, DEFAULT_QUANTILES, spec.column, source)
     thresholds = spec.thresholds or (DEFAULT_TAU,)
     for tau in thresholds:
         if not lo <= tau <= hi:
@@ -407,6 +408,20 @@ def _fit_attribute(table: pd.DataFrame, spec: AttributeSpec, source: str) -> Bin
                 "in the training split"
             )
     return BinnedAttribute(spec.column, edges=thresholds)
+
+
+def _quantile_bins(
+    column: str, array: np.ndarray, quantiles: int, spec_text: str, source: str
+) -> BinnedAttribute:
+    """Bins at the training split's ``quantiles``-quantiles (ties merged)."""
+    edges = np.unique(np.quantile(array, np.arange(1, quantiles) / quantiles))
+    edges = edges[edges > array.min()]  # an edge at the minimum would leave its lower bin empty
+    if edges.size == 0:
+        raise UnshortcutError(
+            f"{source}: '{spec_text}' gives a single bin "
+            f"({column} has too few distinct values in the training split)"
+        )
+    return BinnedAttribute(column, edges=tuple(float(e) for e in edges))
 
 
 def _format_range(lo: float, hi: float) -> str:

@@ -25,11 +25,13 @@ from torch import nn
 from unshortcut import distributed
 from unshortcut.data import Normalization, SplitData, channel_stats
 from unshortcut.errors import UnshortcutError
-from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
+from unshortcut.groups import NO_ATTRIBUTE, GroupScheme, fit_groups, parse_attribute_specs
 from unshortcut.metrics import (
     PIXEL_COUNTS,
+    attribute_decodability,
     evaluate_predictions,
     patch_dice_iou,
+    per_attribute_metrics,
     robust_bins_per_class,
     segmentation_metrics,
 )
@@ -358,6 +360,15 @@ def score_split(
         n_bootstrap=bootstrap,
         seed=seed,
     )
+    metrics["per_attribute"] = per_attribute_metrics(
+        labels=grouped.labels,
+        scores=np.exp(log_probs[:, 1]),
+        attributes=grouped.attributes,
+        bin_counts=grouped.bin_counts,
+        bin_names=[a.bin_names for a in data.scheme.attributes],
+        columns=[a.column for a in data.scheme.attributes],
+        threshold=THRESHOLD,
+    )
     metrics["loss"] = float(row_losses(log_probs, grouped.labels).mean())
     if pixel_counts is not None:
         metrics["segmentation"] = segmentation_metrics(
@@ -367,6 +378,63 @@ def score_split(
     if one_class is not None:
         metrics["warnings"] = [*metrics.get("warnings", []), one_class]
     return metrics
+
+
+def decodability(
+    data: RunData, model: nn.Module, *, seed: int, prefetch: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Per attribute of the run's groups: how well a linear probe on the features the
+    model's head reads (``ModelOutput.features``) recovers it, fitted on validation and
+    scored on test (:func:`unshortcut.metrics.attribute_decodability`).
+
+    Continuous attributes are probed on their raw values, categorical ones on their
+    categories. A method that removes an attribute from the task representation should
+    bring the AUROC towards 0.5.
+    """
+    if not data.scheme.attributes:
+        return {}
+    fit, scored = data.splits["val"], data.splits["test"]
+    fit_features = features(model, data.loaders["val"], prefetch)
+    score_features = features(model, data.loaders["test"], prefetch)
+    return {
+        attribute.column: attribute_decodability(
+            fit_features=fit_features,
+            fit_target=_raw_values(fit)[:, j],
+            score_features=score_features,
+            score_target=_raw_values(scored)[:, j],
+            score_labels=scored.labels,
+            continuous=fit.continuous[j],
+            seed=seed,
+        )
+        for j, attribute in enumerate(data.scheme.attributes)
+    }
+
+
+def _raw_values(split: GroupedSplit) -> np.ndarray:
+    """``(n, d)`` raw attribute values (the category index for categorical ones)."""
+    return split.bins.astype(np.float64) if split.values is None else split.values
+
+
+def method_splits(
+    data: RunData, attributes: Sequence[str], taus: Sequence[float]
+) -> dict[str, GroupedSplit]:
+    """The training and validation rows grouped by a method's own attributes.
+
+    A run may train a method with other groups than it reports (``method_attributes``:
+    GERNE on the tissue ratio alone, scored on tissue x site intersections). The bins
+    are fitted on the training split, as the run's own; the rows and their order are
+    the run's, so a method indexes them exactly like ``data.splits``. ``taus`` apply to
+    bare names among ``attributes`` (they are the run's ``--tau`` values, which need not
+    concern the method's attributes).
+    """
+    bare = any(":" not in text and text != NO_ATTRIBUTE for text in attributes)
+    specs = parse_attribute_specs(list(attributes), list(taus) if bare else [])
+    source = f"{data.source} (train split, method attributes)"
+    scheme = fit_groups(data.table("train"), specs, source=source)
+    return {
+        split: scheme.grouped_split(data.table(split), f"{data.source} ({split} split)")
+        for split in ("train", "val")
+    }
 
 
 def one_class_warning(

@@ -192,6 +192,155 @@ def evaluate_predictions(
     return result
 
 
+def attribute_bins(attributes: np.ndarray, bin_counts: Sequence[int]) -> np.ndarray:
+    """``(n, d)`` per-attribute bins from the intersectional index (mixed radix, first
+    attribute most significant: the inverse of ``unshortcut.rows.intersection_index``)."""
+    attributes = np.asarray(attributes, dtype=np.int64)
+    columns = []
+    place = math.prod(bin_counts)
+    for count in bin_counts:
+        place //= count
+        columns.append((attributes // place) % count)
+    return np.stack(columns, axis=1) if columns else np.zeros((len(attributes), 0), np.int64)
+
+
+def per_attribute_metrics(
+    *,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    attributes: np.ndarray,
+    bin_counts: Sequence[int],
+    bin_names: Sequence[Sequence[str]],
+    columns: Sequence[str],
+    threshold: float = 0.5,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy over label x bins of each attribute alone (not their intersections).
+
+    With several attributes the headline worst-group accuracy is over the intersections
+    (label x tissue bin x site ...); this says which attribute a model's errors follow.
+    Per column: ``worst_group_accuracy`` and ``group_balanced_accuracy`` over that
+    column's non-empty groups, and ``groups`` (every group, empty ones with n = 0 and
+    accuracy ``None``), named like ``tumor|site=B``. Computed from the same inputs as
+    :func:`evaluate_predictions` (the intersectional index decomposes into the bins), so
+    it recomputes from ``predictions/``; no intervals.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    correct = (np.asarray(scores, dtype=np.float64) >= threshold) == (labels == 1)
+    bins = attribute_bins(attributes, bin_counts)
+    result: dict[str, dict[str, Any]] = {}
+    for j, column in enumerate(columns):
+        n_bins = int(bin_counts[j])
+        group = labels * n_bins + bins[:, j]
+        size = np.bincount(group, minlength=len(CLASS_NAMES) * n_bins)
+        hits = np.bincount(group, weights=correct, minlength=len(size))
+        present = size > 0
+        accuracy = np.divide(hits, size, out=np.full(len(size), np.nan), where=present)
+        names = [f"{c}|{b}" for c in CLASS_NAMES for b in bin_names[j]]
+        result[column] = {
+            "worst_group_accuracy": _scalar(accuracy[present].min()) if present.any() else None,
+            "group_balanced_accuracy": (
+                _scalar(accuracy[present].mean()) if present.any() else None
+            ),
+            "groups": {
+                name: {"n": int(size[g]), "accuracy": _scalar(accuracy[g]) if size[g] else None}
+                for g, name in enumerate(names)
+            },
+        }
+    return result
+
+
+PROBE_MAX_ROWS = 5000
+"""Rows per split a decodability probe fits on or scores (a seeded subsample above it)."""
+
+
+def attribute_decodability(
+    *,
+    fit_features: np.ndarray,
+    fit_target: np.ndarray,
+    score_features: np.ndarray,
+    score_target: np.ndarray,
+    score_labels: np.ndarray,
+    continuous: bool,
+    seed: int = 0,
+    max_rows: int = PROBE_MAX_ROWS,
+) -> dict[str, Any]:
+    """How well a linear probe reads one attribute from a model's features.
+
+    The probe (standardised features, L2 logistic regression, scikit-learn defaults) is
+    fitted on one split's features (validation) and scored on another's (test), so it
+    measures what the representation holds, not what a probe can memorise.
+
+    - categorical ``target`` (category index): ``auroc`` is the mean one-vs-rest AUROC
+      over the categories both splits hold (for two categories, the plain AUROC);
+    - continuous ``target``: the probe predicts "above the fitting split's median"
+      (``auroc``); ``r2`` is the test R^2 of a ridge regression on the raw value.
+
+    ``auroc_within_class`` is the same AUROC within each class label, averaged over the
+    classes: when the label and the attribute are correlated, features that hold the
+    label alone already decode the attribute, and this part says what they hold beyond
+    it. 0.5 means nothing is decodable. ``None`` (with a ``note``) where a split lacks
+    a second category.
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    fit_rows = _bounded(len(fit_target), max_rows, rng)
+    score_rows = _bounded(len(score_target), max_rows, rng)
+    x_fit, x_score = fit_features[fit_rows], score_features[score_rows]
+    raw_fit = np.asarray(fit_target, dtype=np.float64)[fit_rows]
+    raw_score = np.asarray(score_target, dtype=np.float64)[score_rows]
+    labels = np.asarray(score_labels)[score_rows]
+    result: dict[str, Any] = {"n_fit": len(fit_rows), "n_scored": len(score_rows)}
+    if continuous:
+        median = float(np.median(raw_fit))
+        result["target"] = f"above the fitting split's median ({median:.4g})"
+        y_fit, y_score = (raw_fit > median).astype(np.int64), (raw_score > median).astype(np.int64)
+        ridge = make_pipeline(StandardScaler(), Ridge()).fit(x_fit, raw_fit)
+        result["r2"] = float(r2_score(raw_score, ridge.predict(x_score)))
+    else:
+        result["target"] = "categories"
+        y_fit, y_score = raw_fit.astype(np.int64), raw_score.astype(np.int64)
+    classes = np.unique(y_fit)
+    if len(classes) < 2:
+        return result | {
+            "auroc": None,
+            "auroc_within_class": None,
+            "note": "the fitting split holds one value of the attribute",
+        }
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(x_fit, y_fit)
+    proba = probe.predict_proba(x_score)
+    auroc = _mean_ovr_auroc(y_score, proba, classes)
+    within = [
+        _mean_ovr_auroc(y_score[labels == y], proba[labels == y], classes)
+        for y in np.unique(labels)
+    ]
+    defined = [v for v in within if v is not None]
+    return result | {
+        "auroc": auroc,
+        "auroc_within_class": float(np.mean(defined)) if defined else None,
+        "note": None if auroc is not None else "the scored split holds one value of the attribute",
+    }
+
+
+def _bounded(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= max_rows else np.sort(rng.choice(n, max_rows, replace=False))
+
+
+def _mean_ovr_auroc(target: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float | None:
+    """Mean over categories of AUROC(category vs rest); those absent (or alone) skipped."""
+    values = []
+    for column, category in enumerate(classes):
+        positive = target == category
+        if positive.any() and not positive.all():
+            scorer = _WeightedAuroc(proba[:, column], positive, np.zeros(len(target), np.int64))
+            values.append(float(scorer(np.ones((1, 1)))[0]))
+    return float(np.mean(values)) if values else None
+
+
 def image_bootstrap_auroc(
     labels: np.ndarray,
     scores: np.ndarray,

@@ -40,10 +40,12 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.event_log import EventLog
 from unshortcut.inference import (
     RunData,
+    decodability,
     features,
     infer,
     load_run_data,
     log_probabilities,
+    method_splits,
     predictions_table,
     resolve_device,
     score_split,
@@ -212,8 +214,12 @@ class LoopContext:
     def __init__(self, config: TrainConfig, data: RunData, device: torch.device) -> None:
         self.config = config
         self.data = data
-        self.train = data.splits["train"]
-        self.val = data.splits["val"]
+        # The method's groups: the run's, or its own (method_attributes); rows are the same.
+        splits = data.splits
+        if config.method_attributes:
+            splits = method_splits(data, config.method_attributes, config.taus)
+        self.train = splits["train"]
+        self.val = splits["val"]
         self.batch_size = config.batch_size
         self.seed = config.seed
         self.device = device
@@ -691,6 +697,9 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
                 )
                 for s in ("val", "test")
             },
+            "decodability": decodability(
+                ctx.data, model, seed=config.seed, prefetch=config.prefetch
+            ),
         }
     if not main:
         return
@@ -712,7 +721,11 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
         "selection": {"criterion": primary, "epoch": epochs[primary], "by_criterion": epochs},
         "val": chosen["metrics"]["val"],
         "test": chosen["metrics"]["test"],
-        "by_criterion": {c: {"epoch": e, **by_epoch[e]["metrics"]} for c, e in epochs.items()},
+        "by_criterion": {
+            c: {"epoch": e, **by_epoch[e]["metrics"], "decodability": by_epoch[e]["decodability"]}
+            for c, e in epochs.items()
+        },
+        "decodability": chosen["decodability"],
         "group_names": list(ctx.data.scheme.group_names),
         "attribute_names": list(ctx.data.scheme.attribute_names),
         "val_rows_scored": len(ctx.val) if ctx.val_rows is None else len(ctx.val_rows),

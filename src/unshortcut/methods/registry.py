@@ -18,6 +18,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "dfr",
     "lff",
     "spatial",
+    "mimm",
 )
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -11,11 +11,15 @@ import torch
 class ModelOutput:
     """Everything a forward pass gives; inference and methods read what they need.
 
-    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)`` where the model has a
-    penultimate layer (DFR, probes); ``pixel_logits`` ``(B, K, S, S)`` for models that
-    predict a map (spatial supervision).
+    ``logits`` ``(B, K)`` always; ``features`` ``(B, D)``, the penultimate features the
+    head reads (DFR refits the head on them, the decodability probe reads them), where
+    the model has them; ``backbone_features`` ``(B, D_all)`` everything the backbone
+    gives, a superset of ``features`` when the head reads only part of it (MIMM's
+    attribute parts); ``pixel_logits`` ``(B, K, S, S)`` for models that predict a map
+    (spatial supervision).
     """
 
     logits: torch.Tensor
     features: torch.Tensor | None = None
     pixel_logits: torch.Tensor | None = None
+    backbone_features: torch.Tensor | None = None

@@ -26,21 +26,36 @@ BackboneBuilder = Callable[[int, int, bool | str], tuple[nn.Module, int]]
 
 
 class Classifier(nn.Module):
-    """``forward(x) = head(features(x))`` with ``features(x) -> (B, D)``."""
+    """``forward(x) = head(features(x)[:, :head_features])`` with ``features(x) -> (B, D)``.
 
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int) -> None:
+    The head reads the first ``head_features`` of the ``D`` backbone features (all of
+    them by default); a method that reserves the others for heads of its own (MIMM's
+    per-attribute parts) asks for a smaller share, so the class prediction provably
+    depends on the task part only.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, n_features: int, n_classes: int, head_features: int | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.n_features = n_features
-        self.head = nn.Linear(n_features, n_classes)
+        self.head_features = n_features if head_features is None else head_features
+        if not 1 <= self.head_features <= n_features:
+            raise ValueError(f"head_features {head_features} outside 1..{n_features}")
+        self.head = nn.Linear(self.head_features, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """All ``D`` backbone features."""
         return self.backbone(x)
 
     def outputs(self, x: torch.Tensor) -> ModelOutput:
-        """Logits and the features they were computed from, in one pass."""
-        features = self.features(x)
-        return ModelOutput(logits=self.head(features), features=features)
+        """Logits, the features the head read and all backbone features, in one pass."""
+        everything = self.features(x)
+        features = everything[:, : self.head_features]
+        return ModelOutput(
+            logits=self.head(features), features=features, backbone_features=everything
+        )
 
     def forward(self, x: torch.Tensor, outputs: bool = False) -> torch.Tensor | ModelOutput:
         """Logits, or with ``outputs`` the whole :class:`ModelOutput` (the form a data-parallel
@@ -79,12 +94,15 @@ def build_model(
     decoder: bool = False,
     aggregation: str = "max",
     top_k: float = 0.05,
+    head_share: float | None = None,
 ) -> nn.Module:
     """A freshly initialised classifier (initialisation uses torch's global RNG).
 
     ``decoder``: a pixel-map model on the same backbone, whose patch tumor probability
     aggregates its pixel probabilities by ``aggregation`` (``max``, ``topk`` over the
     ``top_k`` share of pixels, ``mean``); two classes only (tumor vs not).
+    ``head_share`` (a method's model option): the head reads only the first
+    ``round(head_share * D)`` backbone features, at least one and at most ``D - 1``.
     """
     if in_channels < 1 or n_classes < 2 or input_size < 1:
         raise UnshortcutError(
@@ -111,7 +129,13 @@ def build_model(
             raise UnshortcutError(f"--model {name}: has no pretrained weights")
         backbone, dim = builders[name](in_channels, input_size, pretrained)
     if not decoder:
-        return Classifier(backbone, dim, n_classes)
+        if head_share is None:
+            return Classifier(backbone, dim, n_classes)
+        if not 0.0 < head_share < 1.0:
+            raise UnshortcutError(f"model {name!r}: head_share {head_share} must lie in (0, 1)")
+        return Classifier(backbone, dim, n_classes, min(max(round(head_share * dim), 1), dim - 1))
+    if head_share is not None:
+        raise UnshortcutError(f"model {name!r}: a pixel decoder and head_share exclude each other")
     from unshortcut.models.decoder import ListStages, SequentialStages, SpatialClassifier
 
     encoder = ListStages(backbone) if name.startswith("timm:") else SequentialStages(backbone)
