@@ -4,8 +4,8 @@ For each tau, GERNE (known attributes) trains at seed 0 with every (c, beta) of 
 grid, and GERNE without attributes with every t (at GERNE's chosen c and beta); the
 defaults are the settings with the best validation worst-group accuracy averaged over
 the taus (settings infeasible at some tau are left out). Test values are never read.
-Runs use the robustness experiment's folders, settings and resume logic
-(bench/robustness.py), under ``--work``.
+Runs use the hand-made runner's folders, settings and resume logic (bench/trial_runner.py,
+the layout bench/robustness.py used before it became a sweep), under ``--work``.
 
 Writes bench/results/gerne_defaults.json (rows: one per setting and tau) and prints the
 tables; the method cards quote the choice.

@@ -1,27 +1,31 @@
 """Robustness table (the paper's table, arXiv 2511.13527): every method tuned alike, then seeds.
 
-For each tau and method: ``--trials`` random hyperparameter draws from
-``unshortcut.search.random_trials`` (trial 0 = the defaults), each trained with seed 0;
-per method, the best trial by validation worst-group accuracy (attributes known at
-validation, ``unshortcut.search.select_best``), and, from the same runs, the best by
-validation worst-class accuracy (attributes unknown at validation); then ``--seeds``
-seeds (0..S-1, seed 0 reused) of each chosen trial. Test values are read only once every
-choice is made. Reported: test balanced accuracy (BCA) and worst-group accuracy (WGA)
-at the checkpoint the protocol's criterion selected, mean +- std over seeds; for erm and
-gerne also the checkpoint selected by validation BCA against the one selected by WGA.
+The experiment is data: configs/robustness.toml (datasets, methods, taus, seeds, the
+search and its protocols, the GERNE joint-BatchNorm ablation, training settings), run by
+``unshortcut.sweep``: per tau and method, random hyperparameter trials at seed 0 (trial 0
+= the defaults); per protocol the best trial on validation (worst-group accuracy with
+validation attributes, worst-class accuracy without); seeds of each choice; test values
+read only once every choice is made. Run folders, resume and skip are the sweep's
+(hash-named folders with completion markers, ``unshortcut sweep FILE --status``).
 
-Every run has its own folder ``<work>/<dataset>/tau<tau>/<method>/trial<k>-seed<s>/``
-and is skipped when its ``metrics.json`` exists (after checking it was trained with the
-same settings); a folder with a checkpoint but no metrics is resumed, one without a
-checkpoint restarted, so a crashed or timed-out experiment continues where it stopped.
-Patch sets are built once and cached under ``bench/work/data/``.
+This script builds the patch sets the sweep file names, runs the sweep, and turns its
+results into tables: test balanced accuracy (BCA), worst-group accuracy (WGA) and robust
+AUROC, mean +- std over seeds, per protocol; for erm and gerne the checkpoint selected
+by validation BCA against the one selected by WGA; the ablation; the floors line.
 
-Usage: python bench/robustness.py [--dataset synth|layouts|camelyon16] [--trials N]
-       [--seeds S] [--methods erm gerne ...] [--taus 0.5 0.75] [--epochs 12] ...
-Writes the dataset's entry of bench/results/robustness.json (one entry per dataset,
-the others kept), the "## Robustness (<dataset>)" section of docs/benchmarks.md (other
-sections are kept) and the "## What our benchmark shows" section of each method card
-in docs/methods/ (from every dataset in robustness.json).
+Usage: python bench/robustness.py [--config configs/robustness.toml] [--workers N]
+       python bench/robustness.py --adopt bench/work/robustness   # once, see below
+Writes each dataset's entry of bench/results/robustness.json (the others kept), the
+"## Robustness (<dataset>)" section of docs/benchmarks.md and the "## What our benchmark
+shows" section of each method card in docs/methods/ (from every dataset in the JSON).
+
+``--adopt OLD_WORK`` moves an experiment run by this script before it was a sweep (folders
+``OLD_WORK/<dataset>/tau<tau>/<method>[@variant]/trial<k>-seed<s>``) into the sweep's
+folder: each run is checked against the sweep's configuration and hard-linked under its
+hashed name (``unshortcut.sweep.adopt_runs``); nothing is trained.
+
+The hand-made trial runner that other bench scripts still use lives in trial_runner.py;
+its names are re-exported here for them.
 """
 
 from __future__ import annotations
@@ -33,9 +37,7 @@ import platform
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,84 +45,78 @@ from typing import Any
 import numpy as np
 import torch
 
+from trial_runner import (
+    KNOWN,
+    UNKNOWN,
+    Runner,
+    Settings,
+    _clock,
+    finished,
+    mean_std,
+    run_record,
+)
 from unshortcut.atomic import atomic_write_text
 from unshortcut.config import TrainConfig, load_config
 from unshortcut.errors import UnshortcutError
 from unshortcut.inference import resolve_device
-from unshortcut.methods import GroupedSplit, method_names
-from unshortcut.runs import config_differences, read_json
-from unshortcut.search import Protocol, Trial, random_trials, read_run, select_best
+from unshortcut.methods import GroupedSplit
+from unshortcut.sweep import (
+    SweepConfig,
+    SweepResult,
+    adopt_runs,
+    checkpoint_row,
+    load_sweep,
+    run_sweep,
+)
+from unshortcut.sweep import write_results as write_sweep_results
+from unshortcut.sweep.plan import PlannedRun
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.tiling.patchset import PatchSet
-from unshortcut.train import TrainingDiverged, train, training_data
+from unshortcut.train import training_data
+
+__all__ = [  # what the other bench scripts import from here
+    "CARD_HEADING",
+    "DATA_CACHE",
+    "KNOWN",
+    "ROOT",
+    "SHARED_DATA",
+    "Runner",
+    "Settings",
+    "_clock",
+    "build_patches",
+    "finished",
+    "machine",
+    "mean_std",
+    "replace_section",
+    "run_record",
+    "split_counts",
+    "train_split",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATA_CACHE = ROOT / "bench" / "work" / "data"
+CONFIG = ROOT / "configs" / "robustness.toml"
 DATASETS = ("synth", "layouts", "camelyon16")
-METHODS = tuple(method_names())
-"""Every registered method, in registration order (ERM first)."""
-ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {"gerne": {"bn-joint": {"bn": "joint"}}}
-"""Per method, variants of its chosen trial run with the same seeds (name: hp override)."""
 LAYOUT_SIZE = 2048
 """Longest image side for the layouts set: 32 images render in about 30 s on one core."""
-KNOWN = Protocol(train_attributes=True, val_attributes=True)
-UNKNOWN = Protocol(train_attributes=True, val_attributes=False)
 CHECKPOINT_METHODS = ("erm", "gerne")
 CHECKPOINT_CRITERIA = ("balanced_accuracy", "worst_group_accuracy")
-SUMMARY_KEYS = (
-    "balanced_accuracy",
-    "worst_group_accuracy",
-    "worst_class_accuracy",
-    "accuracy",
-    "robust_auroc",
-)
-REPORTED = ("balanced_accuracy", "worst_group_accuracy", "robust_auroc")
-"""Test metrics every table row reports (mean, std and values over seeds)."""
-DIVERGED = "diverged.txt"
-"""Written into a run folder whose training diverged: not selectable, not retried."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the experiment varies and what every run shares."""
-
-    taus: tuple[float, ...] = (0.5, 0.75)
-    methods: tuple[str, ...] = METHODS
-    trials: int = 10
-    seeds: int = 3
-    epochs: int = 12
-    batch_size: int = 64
-    model: str = TrainConfig.model_fields["model"].default
-    bootstrap: int = 200
-    threads: int | None = None
-    val_unknown: bool = True
-
-    def protocols(self) -> tuple[Protocol, ...]:
-        return (KNOWN, UNKNOWN) if self.val_unknown else (KNOWN,)
-
-    def expected_runs(self) -> tuple[int, int, int, int]:
-        """(trial runs, seed runs of the main protocol, at most this many more for the
-        other protocol, ablation runs)."""
-        cells = len(self.methods) * len(self.taus)
-        extra = cells * (self.seeds - 1) if self.val_unknown else 0
-        variants = sum(len(ABLATIONS.get(m, {})) for m in self.methods)
-        return (
-            cells * self.trials,
-            cells * (self.seeds - 1),
-            extra,
-            variants * len(self.taus) * self.seeds,
-        )
 
 
 # ----------------------------------------------------------------------------- data
 
 
+def patch_folder(dataset: str, cache: Path = DATA_CACHE) -> Path:
+    """Where ``build_patches`` keeps the dataset (its images, its ``patches``)."""
+    return cache / (f"layouts-{LAYOUT_SIZE}" if dataset == "layouts" else dataset)
+
+
 def build_patches(dataset: str, cache: Path = DATA_CACHE) -> Path:
     """The dataset's patch set, built once under ``cache/<name>/`` (written atomically)."""
-    folder = cache / (f"layouts-{LAYOUT_SIZE}" if dataset == "layouts" else dataset)
+    folder = patch_folder(dataset, cache)
     patches = folder / "patches"
     if patches.is_dir():
         return patches
@@ -158,106 +154,6 @@ def train_split(patches: Path, tau: float) -> GroupedSplit:
     return training_data(config, torch.device("cpu"), splits=("train",)).splits["train"]
 
 
-# ----------------------------------------------------------------------------- runs
-
-
-def _same_settings(run: Path, config: TrainConfig) -> None:
-    """Refuse to reuse a finished run trained with other settings (the folder says too little)."""
-    differ = config_differences(read_json(run / "config.json"), config)
-    if differ:
-        raise UnshortcutError(
-            f"{run}: finished with other settings ({', '.join(differ)}); delete it or pass "
-            "another --work"
-        )
-
-
-@dataclass
-class Runner:
-    """Trains (or reuses) run folders and prints one progress line per run."""
-
-    patches: Path
-    work: Path
-    settings: Settings
-    expected: int
-    log: Callable[[str], None] = print
-    runs: dict[Path, dict[str, Any]] = field(default_factory=dict)
-    warned: set[str] = field(default_factory=set)
-    start: float = field(default_factory=time.monotonic)
-
-    def folder(self, method: str, tau: float, trial: int, seed: int, variant: str = "") -> Path:
-        name = method if not variant else f"{method}@{variant}"
-        return self.work / f"tau{tau:g}" / name / f"trial{trial}-seed{seed}"
-
-    def config(self, run: Path, tau: float, trial: Trial, seed: int, variant: str) -> TrainConfig:
-        """The settings of one run (an experiment with other groups adds its fields)."""
-        s = self.settings
-        return load_config(
-            patches=self.patches,
-            out=run,
-            method=trial.method,
-            hp=dict(trial.hparams),
-            taus=[tau],
-            seed=seed,
-            epochs=s.epochs,
-            batch_size=s.batch_size,
-            **trial.training,
-            model=s.model,
-            bootstrap=s.bootstrap,
-            num_threads=s.threads,
-        )
-
-    def run(self, tau: float, trial: Trial, seed: int, variant: str = "") -> Path:
-        """The run folder of ``trial`` (an ablation ``variant`` of it) at ``seed``, trained
-        unless already finished."""
-        run = self.folder(trial.method, tau, trial.index, seed, variant)
-        if run in self.runs:
-            return run
-        config = self.config(run, tau, trial, seed, variant)
-        began = time.monotonic()
-        seconds: float | None = None
-        if (run / "metrics.json").is_file() or (run / DIVERGED).is_file():
-            _same_settings(run, config)
-        else:
-            resume = (run / "checkpoints" / "last.pt").is_file()
-            # Every run repeats the data warnings (one-class split...): show each text once.
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    train(config, resume=resume, overwrite=not resume, progress=False)
-                except TrainingDiverged as error:
-                    atomic_write_text(run / DIVERGED, f"{error}\n")
-            seconds = time.monotonic() - began
-            for warning in caught:
-                if str(warning.message) not in self.warned:
-                    self.warned.add(str(warning.message))
-                    self.log(f"warning: {warning.message}")
-        self.runs[run] = {
-            "method": trial.method if not variant else f"{trial.method}@{variant}",
-            "tau": tau,
-            "trial": trial.index,
-            "seed": seed,
-            "hparams": dict(trial.hparams) | dict(trial.training),
-            "seconds": seconds,
-        }
-        self._report(run, seconds)
-        return run
-
-    def _report(self, run: Path, seconds: float | None) -> None:
-        info = self.runs[run]
-        if (run / "metrics.json").is_file():
-            wga = read_run(run).val_scores.get("worst_group_accuracy")
-            outcome = "val WGA n/a" if wga is None else f"val WGA {wga:.3f}"
-        else:
-            outcome = "diverged"
-        took = "reused" if seconds is None else f"{seconds:.0f} s"
-        total = time.monotonic() - self.start
-        self.log(
-            f"[{len(self.runs)}/{self.expected}] {info['method']} tau={info['tau']:g} "
-            f"trial {info['trial']} seed {info['seed']}: {outcome} ({took}; "
-            f"elapsed {_clock(total)})"
-        )
-
-
 def split_counts(patches: Path) -> dict[str, dict[str, int]]:
     table = PatchSet.open(patches).table
     counts = {}
@@ -267,146 +163,82 @@ def split_counts(patches: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+# ----------------------------------------------------------------------------- sweep
 
 
-def finished(runs: list[Path]) -> list[Path]:
-    return [run for run in runs if (run / "metrics.json").is_file()]
+def prepare(config: SweepConfig) -> None:
+    """Build every patch set the sweep names that is not there yet (only the ones this
+    script knows how to build, where it builds them)."""
+    for name, patches in config.datasets.items():
+        if patches.is_dir():
+            continue
+        if name not in DATASETS:
+            raise UnshortcutError(f"{patches}: missing ({name} is not one of {DATASETS})")
+        expected = patch_folder(name) / "patches"
+        if expected.resolve() != patches.resolve():
+            raise UnshortcutError(f"{patches}: missing; {name} is built at {expected} instead")
+        build_patches(name)
 
 
-def scores_at(run: Path, criterion: str) -> dict[str, Any]:
-    """Test metrics at the checkpoint ``criterion`` selected (read after every choice)."""
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    return metrics["by_criterion"][criterion]["test"]
+def old_layout(root: Path) -> Callable[[PlannedRun], Path]:
+    """Where this script kept a run before it was a sweep."""
+
+    def locate(run: PlannedRun) -> Path:
+        trial = f"trial{run.trial.index}-seed{run.seed}"
+        return root / run.dataset / f"tau{run.tau:g}" / run.method / trial
+
+    return locate
 
 
-def mean_std(values: list[float | None]) -> dict[str, Any]:
-    """Mean and sample std (ddof 1; 0 for one value) of the defined values."""
-    kept = [float(v) for v in values if v is not None]
-    if not kept:
-        return {"mean": None, "std": None, "values": values}
-    std = float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0
-    return {"mean": float(np.mean(kept)), "std": std, "values": values}
-
-
-def summarize(trial: Trial, tau: float, protocol: Protocol, runs: list[Path]) -> dict[str, Any]:
-    """One table row: test BCA and WGA over the seed runs of the chosen trial."""
-    done = finished(runs)
-    tests = [scores_at(run, protocol.criterion) for run in done]
+def settings_of(config: SweepConfig, patches: Path) -> dict[str, Any]:
+    """What the tables say about the experiment: what it varies, what every run shares."""
+    shared = TrainConfig(patches=patches, out=config.out, **config.train)
     return {
-        "method": trial.method,
-        "tau": tau,
-        "protocol": protocol.name,
-        "criterion": protocol.criterion,
-        "trial": trial.index,
-        "hparams": dict(trial.hparams) | dict(trial.training),
-        "seeds_finished": len(done),
-        "seeds_run": len(runs),
-        "runs": [str(run) for run in runs],
-        **{key: mean_std([t.get(key) for t in tests]) for key in REPORTED},
+        "taus": config.taus,
+        "methods": config.methods,
+        "trials": config.search.trials,
+        "seeds": config.seeds,
+        "protocols": config.search.protocols,
+        "ablations": config.ablations,
+        "epochs": shared.epochs,
+        "batch_size": shared.batch_size,
+        "model": shared.model,
+        "bootstrap": shared.bootstrap,
+        "threads": shared.num_threads,
     }
 
 
-def checkpoint_rows(trial: Trial, tau: float, runs: list[Path]) -> list[dict[str, Any]]:
-    """Test BCA and WGA of the checkpoint chosen by validation BCA vs by validation WGA."""
-    done = finished(runs)
-    rows = []
-    for criterion in CHECKPOINT_CRITERIA:
-        tests = [scores_at(run, criterion) for run in done]
-        rows.append(
-            {
-                "method": trial.method,
-                "tau": tau,
-                "selected_by": criterion,
-                **{key: mean_std([t.get(key) for t in tests]) for key in REPORTED},
-            }
-        )
-    return rows
-
-
-def run_record(run: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Everything the JSON keeps of one run: its settings and, per criterion, val and test."""
-    record = {"path": str(run), **info, "status": "diverged"}
-    if (run / "metrics.json").is_file():
-        metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-        record["status"] = "finished"
-        record["by_criterion"] = {
-            criterion: {
-                "epoch": entry["epoch"],
-                **{s: {k: entry[s].get(k) for k in SUMMARY_KEYS} for s in ("val", "test")},
-            }
-            for criterion, entry in metrics["by_criterion"].items()
+def tables(sweep: SweepResult) -> dict[str, dict[str, Any]]:
+    """robustness.json's entry of every dataset of the sweep, from its rows and runs."""
+    config, entries = sweep.config, {}
+    for dataset, patches in config.datasets.items():
+        rows = [r for r in sweep.rows if r["dataset"] == dataset]
+        main = [r for r in rows if not r["variant"]]
+        runs = [r for r in sweep.runs if r.dataset == dataset]
+        trained = [sweep.seconds[r.folder] for r in runs if r.folder in sweep.seconds]
+        entries[dataset] = {
+            "settings": settings_of(config, patches),
+            "sweep": str(config.out),
+            "patches": str(patches),
+            "counts": split_counts(patches),
+            "rows": main,
+            "checkpoint_selection": [
+                checkpoint_row(row, criterion)
+                for row in main
+                if row["protocol"] == KNOWN.name and row["method"] in CHECKPOINT_METHODS
+                for criterion in CHECKPOINT_CRITERIA
+            ],
+            "ablation": [r for r in rows if r["variant"]],
+            "floors": floors(main),
+            "runs_trained": len(trained),
+            "runs_reused": len(runs) - len(trained),
+            "seconds_per_trained_run": float(np.mean(trained)) if trained else None,
+            "runs": [
+                run_record(r.folder, r.describe() | {"seconds": sweep.seconds.get(r.folder)})
+                for r in runs
+            ],
         }
-    return record
-
-
-def run_experiment(
-    patches: Path, work: Path, settings: Settings, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Every run of the experiment (reusing finished ones), then the aggregated tables."""
-    n_trials, n_seeds, n_extra, n_ablation = settings.expected_runs()
-    already = len(list(work.glob("tau*/*/trial*-seed*/metrics.json")))
-    log(
-        f"expected runs: {n_trials} trials + {n_seeds} seeds"
-        + (f" + at most {n_extra} seeds for {UNKNOWN.name}" if n_extra else "")
-        + (f" + {n_ablation} ablation runs" if n_ablation else "")
-        + f"; {already} already finished in {work}"
-    )
-    expected = n_trials + n_seeds + n_extra + n_ablation
-    runner = Runner(patches, work, settings, expected=expected, log=log)
-    rows: list[dict[str, Any]] = []
-    selection_rows: list[dict[str, Any]] = []
-    ablation_rows: list[dict[str, Any]] = []
-    for tau in settings.taus:
-        split = train_split(patches, tau)
-        trials = {m: random_trials(m, settings.trials, train=split) for m in settings.methods}
-        folders = {m: [runner.run(tau, t, seed=0) for t in trials[m]] for m in settings.methods}
-        best = select_best(finished([f for m in settings.methods for f in folders[m]]))
-        chosen: list[tuple[Protocol, Trial, list[Path]]] = []
-        for protocol in settings.protocols():
-            for method in settings.methods:
-                summary = best[protocol.name].get(method)
-                if summary is None:
-                    log(f"{method} tau={tau:g}: no finished run eligible under {protocol.name}")
-                    continue
-                trial = trials[method][folders[method].index(summary.path)]
-                seeds = [runner.run(tau, trial, seed) for seed in range(settings.seeds)]
-                chosen.append((protocol, trial, seeds))
-        ablated = [
-            (replace(trial, hparams=trial.hparams | override), variant)
-            for protocol, trial, _ in chosen
-            if protocol == KNOWN
-            for variant, override in ABLATIONS.get(trial.method, {}).items()
-        ]
-        ablation_seeds = [
-            [runner.run(tau, trial, seed, variant) for seed in range(settings.seeds)]
-            for trial, variant in ablated
-        ]
-        # Every choice at this tau is made: only now are test values read.
-        for protocol, trial, seeds in chosen:
-            rows.append(summarize(trial, tau, protocol, seeds))
-            if protocol == KNOWN and trial.method in CHECKPOINT_METHODS:
-                selection_rows.extend(checkpoint_rows(trial, tau, seeds))
-        for (trial, variant), seeds in zip(ablated, ablation_seeds, strict=True):
-            ablation_rows.append(
-                summarize(trial, tau, KNOWN, seeds) | {"method": f"{trial.method}@{variant}"}
-            )
-    trained = [info["seconds"] for info in runner.runs.values() if info["seconds"] is not None]
-    return {
-        "settings": asdict(settings),
-        "patches": str(patches),
-        "counts": split_counts(patches),
-        "rows": rows,
-        "checkpoint_selection": selection_rows,
-        "ablation": ablation_rows,
-        "floors": floors(rows),
-        "runs_trained": len(trained),
-        "runs_reused": len(runner.runs) - len(trained),
-        "seconds_per_trained_run": float(np.mean(trained)) if trained else None,
-        "runs": [run_record(run, info) for run, info in runner.runs.items()],
-    }
+    return entries
 
 
 # ----------------------------------------------------------------------------- report
@@ -633,53 +465,42 @@ def machine() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = Settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default="synth")
-    p.add_argument("--methods", nargs="+", default=list(defaults.methods))
-    p.add_argument("--taus", nargs="+", type=float, default=list(defaults.taus))
-    p.add_argument("--trials", type=int, default=defaults.trials, help="random trials per method")
-    p.add_argument("--seeds", type=int, default=defaults.seeds, help="seeds of the chosen trial")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--model", default=defaults.model)
-    p.add_argument("--bootstrap", type=int, default=defaults.bootstrap)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    p.add_argument("--config", type=Path, default=CONFIG, help="the sweep file")
+    p.add_argument("--out", type=Path, default=None, help="sweep folder [the file's out]")
+    p.add_argument("--workers", type=int, default=None, help="runs at once [the file's]")
     p.add_argument(
-        "--no-val-unknown",
-        action="store_true",
-        help="skip the protocol with unknown validation attributes (saves its extra seeds)",
+        "--adopt",
+        type=Path,
+        metavar="OLD_WORK",
+        help="adopt the finished runs of the pre-sweep layout under OLD_WORK, then stop",
     )
-    p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "robustness")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--cards", type=Path, default=ROOT / "docs" / "methods")
     args = p.parse_args(argv)
-    if args.trials < 1 or args.seeds < 1:
-        p.error("--trials and --seeds must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        p.error("--workers must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = Settings(
-        taus=tuple(args.taus),
-        methods=tuple(args.methods),
-        trials=args.trials,
-        seeds=args.seeds,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        model=args.model,
-        bootstrap=args.bootstrap,
-        threads=args.threads,
-        val_unknown=not args.no_val_unknown,
-    )
     started = time.monotonic()
     try:
-        patches = build_patches(args.dataset)
-        result = run_experiment(patches, args.work / args.dataset, settings)
+        config = load_sweep(args.config, out=args.out)
+        if args.workers is not None:
+            launcher = config.launcher.model_copy(update={"workers": args.workers})
+            config = config.model_copy(update={"launcher": launcher})
+        if args.adopt is not None:
+            counts = adopt_runs(config, old_layout(args.adopt))
+            print(f"{config.out}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+            return
+        prepare(config)
+        sweep = run_sweep(config)
     except UnshortcutError as error:
         sys.exit(f"error: {error}")
+    write_sweep_results(sweep)
     context = {
         "command": shlex.join(
             ["python", "bench/robustness.py", *(sys.argv[1:] if argv is None else argv)]
@@ -688,16 +509,19 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "wall": _clock(time.monotonic() - started),
     }
-    section = markdown(args.dataset, result, context)
-    print(section)
     results = args.results / "robustness.json"
-    tables = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
-    tables[args.dataset] = {**result, **context}
-    atomic_write_text(results, json.dumps(tables, indent=2) + "\n")
+    entries = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
     doc = args.doc
-    atomic_write_text(doc, replace_section(doc.read_text(encoding="utf-8"), section))
-    cards = update_cards(args.cards, tables)
-    print(f"wrote {results}, the section of {doc} and {len(cards)} method cards in {args.cards}")
+    text = doc.read_text(encoding="utf-8")
+    for dataset, entry in tables(sweep).items():
+        section = markdown(dataset, entry, context)
+        print(section)
+        entries[dataset] = {**entry, **context}
+        text = replace_section(text, section)
+    atomic_write_text(results, json.dumps(entries, indent=2) + "\n")
+    atomic_write_text(doc, text)
+    cards = update_cards(args.cards, entries)
+    print(f"wrote {results}, {doc} and {len(cards)} method cards in {args.cards}")
 
 
 if __name__ == "__main__":

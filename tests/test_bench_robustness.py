@@ -1,4 +1,4 @@
-"""bench/robustness.py: selection, aggregation, resuming and the docs section."""
+"""bench/robustness.py: its tables from the sweep, relaunch, adoption of the old layout, docs."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from test_data import write_toy_patch_set
-from unshortcut.errors import UnshortcutError
+from unshortcut.sweep import adopt_runs, load_sweep, run_sweep
 
 
 def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # the script imports its sibling trial_runner.py
+    path = bench / "robustness.py"
     spec = importlib.util.spec_from_file_location("bench_robustness", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -44,10 +46,7 @@ def _row(method: str, tau: float, bca: float, wga: float) -> dict:
     }
 
 
-def test_expected_runs_and_mean_std() -> None:
-    cells = 2 * len(robustness.METHODS)  # every registered method at two taus
-    assert robustness.Settings().expected_runs() == (10 * cells, 2 * cells, 2 * cells, 6)
-    assert robustness.Settings(seeds=1, val_unknown=False).expected_runs() == (10 * cells, 0, 0, 2)
+def test_mean_std() -> None:
     stat = robustness.mean_std([0.5, None, 0.7])
     assert stat["mean"] == pytest.approx(0.6)
     assert stat["std"] == pytest.approx(math.sqrt(0.02))  # ddof 1: ((0.1^2) * 2) / 1
@@ -103,74 +102,113 @@ def test_method_cards_quote_their_rows_beside_erm(tmp_path: Path) -> None:
     assert (tmp_path / "lff.md").read_text() == "# LfF\n"  # no results: untouched
 
 
+TOY_SWEEP = """
+name = "toy-robustness"
+out = "sweep"
+methods = ["erm", "gerne"]
+taus = [0.5]
+seeds = 2
+
+[datasets]
+toy = "patches"
+
+[search]
+trials = 1
+protocols = ["train-known/val-known", "train-known/val-unknown"]
+
+[train]
+epochs = 1
+batch_size = 32
+bootstrap = 0
+device = "cpu"
+num_threads = 1
+
+[ablations.gerne]
+bn-joint = { bn = "joint" }
+"""
+
+
+def _tests(run: str, criterion: str, key: str) -> float:
+    metrics = json.loads((Path(run) / "metrics.json").read_text())
+    return metrics["by_criterion"][criterion]["test"][key]
+
+
 @pytest.mark.slow
-def test_experiment_selects_on_validation_reuses_and_resumes(tmp_path: Path) -> None:
-    patches = write_toy_patch_set(tmp_path / "patches", n=240)
-    work = tmp_path / "work"
-    settings = robustness.Settings(
-        methods=("erm", "gerne"), trials=1, seeds=1, epochs=1, batch_size=32, bootstrap=0
-    )
-    lines: list[str] = []
-    result = robustness.run_experiment(patches, work, settings, log=lines.append)
-    assert lines[0] == (
-        f"expected runs: 4 trials + 0 seeds + 2 ablation runs; 0 already finished in {work}"
-    )
-    assert lines[1].startswith("[1/6] erm tau=0.5 trial 0 seed 0: val WGA ")
-    assert result["runs_trained"] == 6 and result["runs_reused"] == 0
-    # The ablation: GERNE's chosen trial with joint BatchNorm, same seeds, own folders.
-    assert [(r["method"], r["tau"], r["hparams"]["bn"]) for r in result["ablation"]] == [
-        ("gerne@bn-joint", 0.5, "joint"),
-        ("gerne@bn-joint", 0.75, "joint"),
-    ]
-    assert Path(result["ablation"][0]["runs"][0]) == work / "tau0.5" / "gerne@bn-joint" / (
-        "trial0-seed0"
-    )
+def test_sweep_tables_relaunch_and_adoption_of_the_old_layout(tmp_path: Path) -> None:
+    write_toy_patch_set(tmp_path / "patches", n=240)
+    toml = tmp_path / "toy.toml"
+    toml.write_text(TOY_SWEEP, encoding="utf-8")
+    config = load_sweep(toml)
+    sweep = run_sweep(config, log=lambda _: None)
+    entry = robustness.tables(sweep)["toy"]
 
-    known = [r for r in result["rows"] if r["protocol"] == robustness.KNOWN.name]
-    assert [(r["method"], r["tau"]) for r in known] == [
-        ("erm", 0.5),
-        ("gerne", 0.5),
-        ("erm", 0.75),
-        ("gerne", 0.75),
+    known, unknown = robustness.KNOWN.name, robustness.UNKNOWN.name
+    assert [(r["method"], r["protocol"]) for r in entry["rows"]] == [
+        ("erm", known),
+        ("gerne", known),
+        ("erm", unknown),
+        ("gerne", unknown),
     ]
-    assert known[1]["hparams"] == {  # trial 0: the defaults
-        "c": 0.5,
-        "beta": 0.5,
-        "bn": "separate",
-        "on_runaway": "stop",
-        "lr": 0.01,
-        "weight_decay": 1e-4,
-    }
-    for row in result["rows"]:
-        run = Path(row["runs"][0])
-        assert run == work / f"tau{row['tau']:g}" / row["method"] / "trial0-seed0"
-        metrics = json.loads((run / "metrics.json").read_text())
-        test = metrics["by_criterion"][row["criterion"]]["test"]
+    for row in entry["rows"]:  # test values at the checkpoint of the row's criterion
+        assert row["seeds_finished"] == row["seeds_run"] == 2
         for key in ("balanced_accuracy", "worst_group_accuracy", "robust_auroc"):
-            assert row[key] == {"mean": test[key], "std": 0.0, "values": [test[key]]}
-    wga = {(r["method"], r["tau"]): r["worst_group_accuracy"]["mean"] for r in known}
-    gap = 100 * (wga[("gerne", 0.5)] - wga[("erm", 0.5)])
-    assert result["floors"].startswith(f"GERNE WGA - ERM WGA at tau=0.5: {gap:+.1f} points")
-    assert len(result["checkpoint_selection"]) == 8  # 2 methods x 2 taus x 2 criteria
-    assert {r["status"] for r in result["runs"]} == {"finished"}
-
+            expected = [_tests(run, row["criterion"], key) for run in row["runs"]]
+            assert row[key]["values"] == expected
+    assert [(r["method"], r["hparams"]["bn"]) for r in entry["ablation"]] == [
+        ("gerne@bn-joint", "joint")
+    ]
+    assert entry["ablation"][0]["runs"] != entry["rows"][1]["runs"]
+    # Checkpoint by validation BCA vs by WGA: the same runs, rescored, for erm and gerne.
+    selection = entry["checkpoint_selection"]
+    assert [(r["method"], r["selected_by"]) for r in selection] == [
+        ("erm", "balanced_accuracy"),
+        ("erm", "worst_group_accuracy"),
+        ("gerne", "balanced_accuracy"),
+        ("gerne", "worst_group_accuracy"),
+    ]
+    erm_runs = entry["rows"][0]["runs"]
+    assert selection[0]["worst_group_accuracy"]["values"] == [
+        _tests(run, "balanced_accuracy", "worst_group_accuracy") for run in erm_runs
+    ]
+    assert selection[1]["worst_group_accuracy"] == entry["rows"][0]["worst_group_accuracy"]
+    assert entry["floors"].startswith("GERNE WGA - ERM WGA at tau=0.5: ")
+    assert entry["counts"]["train"]["patches"] > 0
+    assert entry["runs_trained"] == len(entry["runs"]) and entry["runs_reused"] == 0
+    assert {r["status"] for r in entry["runs"]} == {"finished"}
     section = robustness.markdown(
-        "toy", result, {"command": "python x", "date": "d", "machine": "m", "wall": "0:00:01"}
+        "toy", entry, {"command": "python x", "date": "d", "machine": "m", "wall": "0:00:01"}
     )
     assert section.startswith("## Robustness (toy)\n")
-    assert section.count("| gerne | 0.75 |") == 4  # two protocols, two checkpoint rows
-    assert f"Floors: {result['floors']}" in section
+    assert section.count("| gerne | 0.5 |") == 4  # two protocols, two checkpoint rows
+    assert section.count("| gerne@bn-joint | 0.5 |") == 1
 
-    # Interrupted runs: one with a checkpoint is resumed, one without restarted; the rest
-    # are reused, and the tables come out the same (training is deterministic).
-    (work / "tau0.75" / "gerne" / "trial0-seed0" / "metrics.json").unlink()
-    (work / "tau0.5" / "erm" / "trial0-seed0" / "metrics.json").unlink()
-    shutil.rmtree(work / "tau0.5" / "erm" / "trial0-seed0" / "checkpoints")
-    lines.clear()
-    again = robustness.run_experiment(patches, work, settings, log=lines.append)
-    assert lines[0].endswith(f"4 already finished in {work}")
-    assert again["runs_trained"] == 2 and again["runs_reused"] == 4
-    assert again["rows"] == result["rows"]
+    # Relaunched through the script: every run is reused and the tables come out the same.
+    results, doc, cards = tmp_path / "results", tmp_path / "benchmarks.md", tmp_path / "cards"
+    results.mkdir()
+    cards.mkdir()
+    doc.write_text("# Benchmarks\n")
+    (cards / "gerne.md").write_text("# GERNE\n")
+    robustness.main(
+        ["--config", str(toml), "--results", str(results), "--doc", str(doc), "--cards", str(cards)]
+    )
+    written = json.loads((results / "robustness.json").read_text())["toy"]
+    assert written["runs_trained"] == 0 and written["runs_reused"] == len(entry["runs"])
+    assert written["rows"] == json.loads(json.dumps(entry["rows"]))
+    assert "## Robustness (toy)" in doc.read_text()
+    assert "| toy | 0.5 |" in (cards / "gerne.md").read_text()
 
-    with pytest.raises(UnshortcutError, match=r"finished with other settings \(epochs\)"):
-        robustness.run_experiment(patches, work, replace(settings, epochs=2), log=lines.append)
+    # The pre-sweep layout, adopted into a fresh sweep folder: nothing to train, same numbers.
+    old = tmp_path / "old"
+    locate = robustness.old_layout(old)
+    for run in sweep.runs:
+        shutil.copytree(run.folder, locate(run))
+    assert locate(sweep.runs[0]) == old / "toy" / "tau0.5" / "erm" / "trial0-seed0"
+    fresh = load_sweep(toml, out=tmp_path / "fresh")
+    assert adopt_runs(fresh, locate, log=lambda _: None) == {"adopted": len(sweep.runs)}
+    assert adopt_runs(fresh, locate, log=lambda _: None) == {"already there": len(sweep.runs)}
+    adopted = robustness.tables(run_sweep(fresh, log=lambda _: None))["toy"]
+    assert adopted["runs_trained"] == 0
+    for part in ("rows", "checkpoint_selection", "ablation"):
+        assert [r["worst_group_accuracy"] for r in adopted[part]] == [
+            r["worst_group_accuracy"] for r in entry[part]
+        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.search import read_run
 from unshortcut.sweep import load_sweep, run_sweep, sweep_status, write_results
 from unshortcut.sweep.plan import summary_stat
-from unshortcut.sweep.store import run_folder, run_key
+from unshortcut.sweep.store import adopt_run, execute, run_folder, run_key, run_status
+from unshortcut.train import train
 
 SWEEP = """
 name = "toy"
@@ -193,3 +195,56 @@ def test_ray_launcher_on_a_local_instance_gives_the_same_results(
     assert [r["worst_group_accuracy"] for r in rows] == [
         r["worst_group_accuracy"] for r in expected
     ]
+
+
+@pytest.mark.slow
+def test_adopt_run_takes_the_same_settings_and_refuses_others(tmp_path: Path) -> None:
+    patches = write_toy_patch_set(tmp_path / "patches", n=120)
+    old = TrainConfig(
+        patches=patches,
+        out=tmp_path / "old" / "erm-run",
+        taus=[0.5],
+        epochs=1,
+        batch_size=32,
+        bootstrap=0,
+        device="cpu",
+        num_threads=1,
+    )
+    train(old, progress=False)
+    # A run from before TrainConfig had a field: its config.json lacks it.
+    saved = json.loads((old.out / "config.json").read_text())
+    del saved["method_attributes"]
+    (old.out / "config.json").write_text(json.dumps(saved))
+
+    planned = old.model_copy(update={"out": run_folder(tmp_path / "sweep", old)})
+    assert adopt_run(old.out, planned) is True
+    assert run_status(planned.out) == "finished"
+    adopted = json.loads((planned.out / "config.json").read_text())
+    assert adopted["out"] == str(planned.out) and adopted["method_attributes"] == []
+    assert os.path.samefile(planned.out / "metrics.json", old.out / "metrics.json")
+    assert json.loads((old.out / "config.json").read_text()) == saved  # the source is intact
+    assert (planned.out / "adopted.txt").read_text() == f"{old.out}\n"
+    assert execute(planned.model_dump(mode="json")) == ("finished", [])  # the sweep reuses it
+    assert adopt_run(old.out, planned) is False  # twice: nothing changes
+
+    # The same patch set elsewhere (same bytes) is the same data; another one is not.
+    copy = Path(shutil.copytree(patches, tmp_path / "copy"))
+    moved = old.model_copy(update={"patches": copy})
+    assert adopt_run(old.out, moved.model_copy(update={"out": run_folder(tmp_path / "b", moved)}))
+    other = old.model_copy(update={"patches": write_toy_patch_set(tmp_path / "other", seed=1)})
+    with pytest.raises(UnshortcutError, match=r"other settings than the sweep's run \(patches\)"):
+        adopt_run(old.out, other.model_copy(update={"out": run_folder(tmp_path / "c", other)}))
+    longer = old.model_copy(update={"epochs": 2, "hp": {"x": 1}})
+    with pytest.raises(
+        UnshortcutError,
+        match=r"erm-run: trained with other settings than the sweep's run \(epochs, hp\.x\); "
+        "not adopted",
+    ):
+        adopt_run(old.out, longer.model_copy(update={"out": run_folder(tmp_path / "d", longer)}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnshortcutError, match=r"empty: not a finished run"):
+        adopt_run(tmp_path / "empty", planned)
+    busy = old.model_copy(update={"out": run_folder(tmp_path / "e", old)})
+    (busy.out / "checkpoints").mkdir(parents=True)  # a run the sweep began itself
+    with pytest.raises(UnshortcutError, match="already holds another run; delete it"):
+        adopt_run(old.out, busy)

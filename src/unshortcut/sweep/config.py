@@ -129,9 +129,11 @@ def load_sweep(path: Path | str, **overrides: Any) -> SweepConfig:
         raise UnshortcutError(f"{path}: unreadable sweep file ({error})") from None
     base = path.resolve().parent
     if "out" in data:
-        data["out"] = base / Path(data["out"]).expanduser()
+        data["out"] = (base / Path(data["out"]).expanduser()).resolve()
     datasets = dict(data.get("datasets", {}))
-    data["datasets"] = {name: base / Path(folder).expanduser() for name, folder in datasets.items()}
+    data["datasets"] = {
+        name: (base / Path(folder).expanduser()).resolve() for name, folder in datasets.items()
+    }
     data |= {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("out") is not None:
         data["out"] = Path(overrides["out"]).expanduser().resolve()

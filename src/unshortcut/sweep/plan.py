@@ -45,7 +45,7 @@ from unshortcut.search import (
 )
 from unshortcut.sweep.config import SweepConfig
 from unshortcut.sweep.launchers import Job, get_launcher
-from unshortcut.sweep.store import Status, run_folder, run_status
+from unshortcut.sweep.store import Status, adopt_run, run_folder, run_status
 
 REPORTED: tuple[str, ...] = (
     "worst_group_accuracy",
@@ -335,6 +335,46 @@ def sweep_status(config: SweepConfig) -> dict[str, Counter[str]]:
     return counts
 
 
+def adopt_runs(
+    config: SweepConfig,
+    locate: Callable[[PlannedRun], Path | None],
+    log: Callable[[str], None] = print,
+) -> Counter[str]:
+    """Adopt into the sweep the finished runs ``locate`` finds for its planned runs.
+
+    For an experiment that ran before it was a sweep: ``locate`` maps a planned run to
+    the folder the old layout kept it in (None: none). Trial runs go first, because
+    which seed runs exist depends on what the selection chooses among them (seed runs
+    are adopted only where every trial run of the cell is there); every
+    adopted run is checked against the sweep's configuration (:func:`.store.adopt_run`),
+    and what is missing or unfinished is left for the sweep to train. Returns counts of
+    adopted, already present, and missing runs.
+    """
+    counts: Counter[str] = Counter()
+    seen: set[Path] = set()  # a chosen trial's seed 0 is the trial run itself
+
+    def adopt(runs: list[PlannedRun]) -> None:
+        for run in _unique(runs):
+            if run.folder in seen:
+                continue
+            seen.add(run.folder)
+            source = locate(run)
+            if source is None or run_status(source) not in ("finished", "diverged"):
+                counts["missing"] += 1
+            elif adopt_run(source, run.config):
+                counts["adopted"] += 1
+            else:
+                counts["already there"] += 1
+
+    trials = plan_trials(config)
+    for runs in trials.values():
+        adopt(runs)
+    for runs in trials.values():
+        if all(run_status(r.folder) in ("finished", "diverged") for r in runs):
+            adopt([r for _, seeds in plan_seeds(config, runs, log) for r in seeds])
+    return counts
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -355,24 +395,46 @@ def summary_stat(values: list[float | None]) -> dict[str, Any]:
 def results_row(protocol: Protocol, seeds: list[PlannedRun]) -> dict[str, Any]:
     """One results row: the chosen setting and its test metrics over seeds."""
     first = seeds[0]
-    done = [r for r in seeds if run_status(r.folder) == "finished"]
-    tests = [
-        read_json(r.folder / "metrics.json")["by_criterion"][protocol.criterion]["test"]
-        for r in done
-    ]
+    runs = [r.folder for r in seeds]
     return {
         "dataset": first.dataset,
         "tau": first.tau,
         "method": first.method,
+        "variant": first.variant,
         "protocol": protocol.name,
         "criterion": protocol.criterion,
         "trial": first.trial.index,
         "hparams": dict(first.config.hp) | dict(first.trial.training),
-        "seeds_finished": len(done),
+        "seeds_finished": sum(run_status(run) == "finished" for run in runs),
         "seeds_run": len(seeds),
-        "runs": [str(r.folder) for r in seeds],
-        **{key: summary_stat([t.get(key) for t in tests]) for key in REPORTED},
+        "runs": [str(run) for run in runs],
+        **_test_stats(runs, protocol.criterion),
     }
+
+
+def checkpoint_row(row: dict[str, Any], criterion: str) -> dict[str, Any]:
+    """The runs of a results ``row`` scored at the checkpoint ``criterion`` selected.
+
+    The trial stays the one the row's protocol chose; only the epoch changes, so rows
+    for two criteria show what the checkpoint choice alone does (e.g. validation
+    balanced accuracy, which needs no groups, against worst-group accuracy).
+    """
+    keys = ("dataset", "tau", "method", "variant", "protocol", "trial")
+    return {k: row[k] for k in keys} | {
+        "selected_by": criterion,
+        **_test_stats([Path(run) for run in row["runs"]], criterion),
+    }
+
+
+def _test_stats(runs: list[Path], criterion: str) -> dict[str, dict[str, Any]]:
+    """Per reported metric, its summary over the finished ``runs`` at ``criterion``'s
+    checkpoint (read only once every choice is made)."""
+    tests = [
+        read_json(run / "metrics.json")["by_criterion"][criterion]["test"]
+        for run in runs
+        if run_status(run) == "finished"
+    ]
+    return {key: summary_stat([t.get(key) for t in tests]) for key in REPORTED}
 
 
 def write_results(result: SweepResult) -> Path:
