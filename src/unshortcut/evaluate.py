@@ -45,6 +45,10 @@ def evaluate_run(
     Writes ``RUN/evaluation/<name>/`` (``metrics.json`` and ``predictions/``), where
     ``name`` defaults to the patch set folder's name, and returns it with the metrics.
     """
+    if bootstrap is not None and bootstrap < 0:
+        raise UnshortcutError(f"--bootstrap: must be 0 or more resamples, got {bootstrap}")
+    if name is not None:
+        check_folder_name(name, "--name")
     run = open_run(run_path)
     patches = Path(patches).resolve() if patches is not None else run.config.patches
     criterion = criterion or run.config.primary_criterion
@@ -95,6 +99,14 @@ def evaluate_run(
             )
         write_json(folder / "metrics.json", metrics)
     return out, metrics
+
+
+def check_folder_name(name: str, option: str) -> None:
+    """``name`` must be one plain folder name: it may not lead out of the run folder."""
+    if name in ("", ".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+        raise UnshortcutError(
+            f"{option}: {name!r} is not a plain folder name (no '/', '..' or empty names)"
+        )
 
 
 def metric_warnings(metrics: dict[str, Any]) -> list[str]:

@@ -232,7 +232,7 @@ def patchify(
     try:
         _tile_parts(sources, config, partial, on_image, workers)
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            parts, per_image, pixel_info = _join_parts(sources, partial, config, tmp)
+            parts, per_image, pixel_info, checksums = _join_parts(sources, partial, config, tmp)
             table = _assemble_table(parts, metadata, config)
             warnings = notes + _input_warnings(sources, per_image)
             warnings += split_warnings(
@@ -240,8 +240,10 @@ def patchify(
                 None if "split" in _columns(metadata) else config.split_fractions,
                 check_patients=config.split_unit != "region",
             )
-            write_table(table, tmp / TABLE_FILE)
-            manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
+            checksums[TABLE_FILE] = write_table(table, tmp / TABLE_FILE)
+            manifest = _manifest(
+                data_dir, config, table, per_image, pixel_info, metadata, checksums
+            )
             write_manifest(manifest, tmp / MANIFEST_FILE)
     except UnshortcutError:
         # A mistake in the input or settings: fixing it changes the plan, so the parts
@@ -375,8 +377,9 @@ def tile_part(
 
 def _join_parts(
     sources: list[_Source], partial: Path, config: PatchifyConfig, out: Path
-) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
-    """Append every part's stores to the final ones, in image order."""
+) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """Append every part's stores to the final ones, in image order; also returns the
+    stores' checksums."""
     first = np.load(_part(partial, 0) / PIXELS_FILE, mmap_mode="r")
     pixel_info = {"channels": int(first.shape[1]), "dtype": str(first.dtype)}
     side = config.input_size
@@ -395,7 +398,8 @@ def _join_parts(
                     store.append(np.asarray(rows[start : start + _COMPACT_CHUNK]))
             parts.append(pd.read_parquet(part / "rows.parquet"))
             per_image[source.image_id] = json.loads((part / "info.json").read_text("utf-8"))
-    return parts, per_image, pixel_info
+    checksums = {PIXELS_FILE: pixels.sha256, MASKS_FILE: masks.sha256}
+    return parts, per_image, pixel_info, checksums
 
 
 def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
@@ -496,7 +500,12 @@ def _tile_one(
     ys, xs = (a.reshape(-1) * ds for a in np.meshgrid(grid.ys, grid.xs, indexing="ij"))
     tissue_ratio = np.clip(np.asarray(tissue.fractions(ys, xs, grid.size * ds), float), 0, 1)
     keep = tissue_ratio >= config.min_tissue
-    _compact(pixel_tmp, pixels, keep)
+    bad = _compact(pixel_tmp, pixels, keep)
+    if bad is not None:
+        raise UnshortcutError(
+            f"{source.image_path}: holds NaN or infinite pixel values (first in the patch at "
+            f"x={xs[bad]}, y={ys[bad]}); replace them (with 0, say) before patchify"
+        )
     _compact(mask_tmp, masks, keep)
     labels = labels_from_fractions(tiled.tumor_fraction, config.min_tumor_fraction)
     frame = pd.DataFrame(
@@ -610,15 +619,26 @@ def _some(ids: list[str]) -> str:
     return ", ".join(ids[:_SHOWN_IDS]) + (f" and {more} more" if more > 0 else "")
 
 
-def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> None:
-    """Append the kept rows of a temporary grid-order file to the final store, chunk by chunk."""
+def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> int | None:
+    """Append the kept rows of a temporary grid-order file to the final store, chunk by chunk.
+
+    Returns the grid index of the first patch (kept or not) holding NaN or inf, for
+    floating-point pixels; such values would reach training as a diverging loss.
+    """
     row_items = int(np.prod(store.row_shape))
+    first_bad = None
     with open(raw, "rb") as handle:
         for start in range(0, keep.size, _COMPACT_CHUNK):
             chosen = keep[start : start + _COMPACT_CHUNK]
             rows = np.fromfile(handle, dtype=store.dtype, count=chosen.size * row_items)
-            store.append(rows.reshape(chosen.size, *store.row_shape)[chosen])
+            rows = rows.reshape(chosen.size, *store.row_shape)
+            if first_bad is None and rows.dtype.kind == "f":
+                finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+                if not finite.all():
+                    first_bad = start + int(np.argmin(finite))
+            store.append(rows[chosen])
     raw.unlink()
+    return first_bad
 
 
 def _columns(metadata: pd.DataFrame | None) -> list[str]:
@@ -665,13 +685,16 @@ def _manifest(
     per_image: dict[str, dict[str, Any]],
     pixel_info: dict[str, Any],
     metadata: pd.DataFrame | None,
+    checksums: dict[str, str],
 ) -> dict[str, Any]:
     parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     parameters["stride"] = config.resolved_stride
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {
-        **base_manifest(table, pixel_info["channels"], pixel_info["dtype"], config.input_size),
+        **base_manifest(
+            table, pixel_info["channels"], pixel_info["dtype"], config.input_size, checksums
+        ),
         "source": str(data_dir.resolve()),
         "parameters": parameters,
         "splits_from": "metadata.csv" if "split" in _columns(metadata) else config.split_unit,
