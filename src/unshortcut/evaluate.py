@@ -110,8 +110,10 @@ def check_folder_name(name: str, option: str) -> None:
 
 
 def metric_warnings(metrics: dict[str, Any]) -> list[str]:
-    """Every split's metric warnings, each text once, prefixed by its split."""
-    lines: list[str] = []
+    """Every split's metric warnings, each text once, prefixed by its split; first, why
+    training stopped early, when it did."""
+    stopped = metrics.get("stopped_early")
+    lines: list[str] = [f"training stopped early: {stopped}"] if stopped else []
     for split in EVAL_SPLITS:
         for text in (metrics.get(split) or {}).get("warnings", []):
             line = f"{split}: {text}"

@@ -392,8 +392,10 @@ def _ece(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 #: A model that gives one class to at least this share of the patches...
 ONE_CLASS_SHARE = 0.98
-#: ...while finding at most this share of the other class's patches has collapsed.
+#: ...while finding at most this share of the other class's patches has collapsed
+#: (judged when the split holds at least ONE_CLASS_MIN_OTHERS of them).
 ONE_CLASS_RECALL = 0.1
+ONE_CLASS_MIN_OTHERS = 3
 
 
 def one_class_warnings(labels: np.ndarray, predicted: np.ndarray) -> list[str]:
@@ -407,7 +409,7 @@ def one_class_warnings(labels: np.ndarray, predicted: np.ndarray) -> list[str]:
     for c, other in ((1, 0), (0, 1)):
         share = float(np.mean(predicted == bool(c))) if n else 0.0
         others = labels == other
-        if share < ONE_CLASS_SHARE or others.sum() < 10:
+        if share < ONE_CLASS_SHARE or others.sum() < ONE_CLASS_MIN_OTHERS:
             continue
         recall = float(np.mean(predicted[others] == bool(other)))
         if recall <= ONE_CLASS_RECALL:
