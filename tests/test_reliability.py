@@ -23,7 +23,13 @@ from typer.testing import CliRunner
 
 from reliability_helpers import assert_one_line_error, copy_folder, flip_bytes, read_only
 from test_data import write_toy_patch_set
-from unshortcut.atomic import HOST_TAG, atomic_directory, clean_leftovers, leftovers
+from unshortcut.atomic import (
+    HOST_TAG,
+    LeftoverWarning,
+    atomic_directory,
+    clean_leftovers,
+    leftovers,
+)
 from unshortcut.cli import app
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
@@ -36,6 +42,7 @@ from unshortcut.runs import (
     save_checkpoint,
     verify_run,
 )
+from unshortcut.sealed import seal
 from unshortcut.synth import generate_dataset, make_config
 from unshortcut.tiling import patchset as patchset_module
 from unshortcut.tiling.patchify import PatchifyConfig, partial_folder, patchify
@@ -192,11 +199,12 @@ def test_leftovers_of_a_killed_writer_are_removed_and_named(tmp_path: Path) -> N
     alien = tmp_path / f".out.tmp-{dead.pid}@00000000-0a1b"  # another machine's
     for folder in (live, alive, alien):
         folder.mkdir()
-    with (
-        pytest.warns(UserWarning, match=r"removed .*out\.tmp-.*\(1\.0 MB\), left by a killed"),
-        atomic_directory(tmp_path / "out") as target,
-    ):
+    with pytest.warns(LeftoverWarning) as caught, atomic_directory(tmp_path / "out") as target:
         (target / "done").write_text("yes")
+    assert {str(w.message) for w in caught} == {
+        f"removed {stale} (1.0 MB), left by a killed run",
+        f"removed {live} (0.0 MB), left by a killed run",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", alive.name, alien.name])
     # A replaced folder caught between two renames is put back, not removed.
     (tmp_path / "out").rename(tmp_path / f".out.old-{dead.pid}@{HOST_TAG}-0a1b")
@@ -378,15 +386,19 @@ def test_foreign_manifest_and_run_config_are_named(
 ) -> None:
     newer = copy_folder(patches, tmp_path / "newer")
     manifest = json.loads(read(newer / "manifest.json"))
-    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    (newer / "manifest.json").write_text(json.dumps(seal({**manifest, "format_version": 99})))
     assert_one_line_error(cli("audit", newer), "manifest.json", "format version 99")
-    (newer / "manifest.json").write_text(json.dumps({**manifest, "n_patches": "many"}))
+    (newer / "manifest.json").write_text(json.dumps(seal({**manifest, "n_patches": "many"})))
     assert_one_line_error(cli("audit", newer), "manifest.json", "damaged manifest")
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "n_patches": 241}))
+    assert_one_line_error(cli("audit", newer), "manifest.json", "does not match its content")
     run = copy_folder(finished_run, tmp_path / "run")
     saved = json.loads(read(run / "config.json"))
     assert saved["format"] == "unshortcut-run" and saved["format_version"] == 1
-    (run / "config.json").write_text(json.dumps({**saved, "format": "someone-else"}))
+    (run / "config.json").write_text(json.dumps(seal({**saved, "format": "someone-else"})))
     assert_one_line_error(cli("evaluate", run), "config.json", "not an unshortcut run")
+    (run / "config.json").write_text(json.dumps({**saved, "lr": 0.5}))  # a silent change
+    assert_one_line_error(cli("evaluate", run), "config.json", "damaged")
 
 
 def test_check_reads_everything_and_names_the_damage(

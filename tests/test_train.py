@@ -22,6 +22,7 @@ from unshortcut.inference import load_run_data
 from unshortcut.methods import get_method, method_names
 from unshortcut.methods.erm import ERM
 from unshortcut.runs import load_model, open_run
+from unshortcut.sealed import seal
 from unshortcut.tiling.patchset import replace_table
 from unshortcut.train import LoopContext, reproducible, train, training_data
 
@@ -255,7 +256,7 @@ def test_cli_bad_input_is_one_clear_line(patches: Path, tmp_path: Path) -> None:
     for name in ("pixels.npy", "masks.npy", "patches.parquet"):
         (old / name).write_bytes((patches / name).read_bytes())
     manifest = json.loads(_read(patches / "manifest.json")) | {"format_version": 99}
-    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (old / "manifest.json").write_text(json.dumps(seal(manifest)), encoding="utf-8")
     missing = tmp_path / "missing"
     missing.mkdir()
     (missing / "manifest.json").write_text(_read(patches / "manifest.json"), encoding="utf-8")

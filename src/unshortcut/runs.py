@@ -58,6 +58,7 @@ from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme
 from unshortcut.methods import get_method
 from unshortcut.models import build_model
+from unshortcut.sealed import read_sealed, seal
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
@@ -83,7 +84,11 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    """Strict JSON, atomically; an object is sealed (:mod:`unshortcut.sealed`)."""
+    data = jsonable(data)
+    if isinstance(data, dict):
+        data = seal(data)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_history(run: Path, history: list[dict[str, Any]]) -> None:
@@ -365,10 +370,8 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UnshortcutError(f"{path}: unreadable ({error})") from None
+    """A JSON file, its seal checked (a damaged one is a one-line error)."""
+    return read_sealed(path)
 
 
 def resolved_config(

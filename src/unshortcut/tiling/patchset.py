@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from unshortcut import __version__
 from unshortcut.atomic import atomic_directory, atomic_file, atomic_write_text
 from unshortcut.errors import UnshortcutError
+from unshortcut.sealed import read_sealed, seal
 
 FORMAT_NAME = "unshortcut-patch-set"
 FORMAT_VERSION = 1
@@ -133,7 +134,9 @@ def array_sha256(array: np.ndarray) -> str:
 
 
 def write_manifest(manifest: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """manifest.json, sealed with its own content hash (:mod:`unshortcut.sealed`)."""
+    text = json.dumps(seal(manifest), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
 
 
 def count_table(table: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -233,7 +236,7 @@ def replace_table(path: Path | str, table: pd.DataFrame) -> PatchSet:
         manifest["counts"] = count_table(table)
         # The manifest goes first: a reader between the two renames sees a mismatch
         # (an error), never an old checksum that happens to match.
-        atomic_write_text(path / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        write_manifest(manifest, path / MANIFEST_FILE)
     return PatchSet.open(path)
 
 
@@ -383,10 +386,7 @@ def _first_non_finite(pixels: np.ndarray) -> int | None:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UnshortcutError(f"{path}: unreadable ({error})") from None
+    manifest = read_sealed(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UnshortcutError(f"{path}: not an unshortcut patch set manifest")
     version = manifest.get("format_version")
