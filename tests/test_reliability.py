@@ -49,8 +49,14 @@ from unshortcut.tiling.patchify import PatchifyConfig, partial_folder, patchify
 from unshortcut.tiling.patchset import PatchSet, write_patch_set
 from unshortcut.train import train
 
-FAST = {"epochs": 2, "batch_size": 32, "bootstrap": 0, "lr": 0.02, "device": "cpu",
-        "num_threads": 1}  # fmt: skip
+FAST = {
+    "epochs": 2,
+    "batch_size": 32,
+    "bootstrap": 0,
+    "lr": 0.02,
+    "device": "cpu",
+    "num_threads": 1,
+}
 PATCHIFY = ["--patch-size", "64", "--input-size", "16"]
 
 
@@ -270,8 +276,11 @@ def test_nan_pixels_in_a_patch_set_are_named_not_blamed_on_the_learning_rate(
 def test_a_patient_in_two_splits_of_metadata_is_an_error(tmp_path: Path) -> None:
     csv = tmp_path / "metadata.csv"
     csv.write_text("image_id,patient_id,split\na,p1,train\nb,p1,test\nc,p2,val\n")
-    with pytest.raises(UnshortcutError, match=r"metadata.csv: patient\(s\) in more than one "
-                       r"split: p1 in train, test\. "):  # fmt: skip
+    with pytest.raises(
+        UnshortcutError,
+        match=r"metadata.csv: patient\(s\) in more than one "
+        r"split: p1 in train, test\. ",
+    ):
         read_metadata(csv, ["a", "b", "c"])
     csv.write_text("image_id,patient_id,split\na,p1,train\nb,p1,train\nc,p2,val\n")
     assert len(read_metadata(csv, ["a", "b", "c"])) == 3
@@ -445,18 +454,38 @@ def test_a_collapsed_model_is_reported_on_the_console(tmp_path: Path) -> None:
     n = 400
     label = (rng.random(n) < 0.1).astype(np.int64)
     split = np.array(["train"] * 240 + ["val"] * 80 + ["test"] * 80)
-    table = pd.DataFrame({
-        "patch_id": [f"p{i}" for i in range(n)], "image_id": [f"{s}{i % 5}" for i, s in
-                                                              enumerate(split)],
-        "patient_id": [f"{s}{i % 5}" for i, s in enumerate(split)], "split": split,
-        "x": np.arange(n), "y": 0, "size": 8, "level": 0, "tumor_fraction": label * 0.5,
-        "tissue_ratio": rng.random(n), "label": label, "synthetic": True,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "patch_id": [f"p{i}" for i in range(n)],
+            "image_id": [f"{s}{i % 5}" for i, s in enumerate(split)],
+            "patient_id": [f"{s}{i % 5}" for i, s in enumerate(split)],
+            "split": split,
+            "x": np.arange(n),
+            "y": 0,
+            "size": 8,
+            "level": 0,
+            "tumor_fraction": label * 0.5,
+            "tissue_ratio": rng.random(n),
+            "label": label,
+            "synthetic": True,
+        }
+    )
     pixels = rng.integers(0, 255, (n, 1, 8, 8)).astype(np.uint8)
     masks = np.zeros((n, 8, 8), np.uint8)
     write_patch_set(tmp_path / "poor", table, pixels, masks, {})
-    result = cli("train", tmp_path / "poor", "--out", tmp_path / "run", "--epochs", "3",
-                 "--device", "cpu", "--quiet", "--select-by", "loss")  # fmt: skip
+    result = cli(
+        "train",
+        tmp_path / "poor",
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--select-by",
+        "loss",
+    )
     assert result.exit_code == 0, result.output
     assert "warning: test: the model predicts non-tumor for 100.0%" in result.output
     assert "--method cb_erm or resample" in result.output
@@ -466,6 +495,20 @@ def test_an_empty_jtt_error_set_reaches_the_console_as_one_line(
     patches: Path, tmp_path: Path
 ) -> None:
     # The toy task is learned perfectly in a few epochs: JTT then has nothing to upweight.
-    result = cli("train", patches, "--out", tmp_path / "jtt", "--method", "jtt", "--hp",
-                 "epochs=4", "--epochs", "1", "--device", "cpu", "--lr", "0.05")  # fmt: skip
+    result = cli(
+        "train",
+        patches,
+        "--out",
+        tmp_path / "jtt",
+        "--method",
+        "jtt",
+        "--hp",
+        "epochs=4",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.05",
+    )
     assert_one_line_error(result, "error set is empty")

@@ -182,7 +182,13 @@ def _feed(digest: Any, obj: Any) -> None:
 
 
 def link(source: Path, target: Path) -> None:
-    """``target`` becomes the same file as ``source`` (a hard link; a copy where unsupported)."""
+    """``target`` becomes the same file as ``source`` (a hard link; a copy where unsupported).
+
+    Already the same file: nothing to do (a rename between two links of one file does
+    nothing and would leave the temporary name behind).
+    """
+    if target.exists() and os.path.samefile(source, target):
+        return
     tmp = target.with_name(temporary_name(target))
     try:
         os.link(source, tmp)
@@ -431,8 +437,11 @@ class Run:
         path = self.path / "predictions" / "val.parquet"
         if not path.is_file():
             raise UnshortcutError(f"{path}: missing; the run is unfinished (train --resume it)")
-        table = pd.read_parquet(path, columns=["patch_id", "trained_on"])
-        return table.loc[table["trained_on"], "patch_id"].to_numpy()
+        try:
+            table = pd.read_parquet(path, columns=["patch_id", "trained_on"])
+            return table.loc[table["trained_on"].astype(bool), "patch_id"].to_numpy()
+        except Exception as error:  # pyarrow reports damage with many exception types
+            raise UnshortcutError(f"{path}: unreadable, the file is damaged ({error})") from None
 
 
 def open_run(path: Path | str) -> Run:

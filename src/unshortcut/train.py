@@ -33,7 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from unshortcut.atomic import atomic_directory, move_into_place
+from unshortcut.atomic import (
+    LeftoverWarning,
+    atomic_directory,
+    clean_leftovers,
+    move_into_place,
+)
 from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData, augmentation_generator
 from unshortcut.errors import UnshortcutError
@@ -481,8 +486,8 @@ def train(
 
 
 def _prepare_work_folder(plan: RunFolderPlan) -> None:
-    """Remove an abandoned replacement, copy a finished run that is being extended, and
-    make the folder training writes to."""
+    """Remove an abandoned replacement, copy a finished run that is being extended, make
+    the folder training writes to, and clear leftovers of killed runs around it."""
     if plan.discard is not None:
         shutil.rmtree(plan.discard)
         warnings.warn(
@@ -492,6 +497,11 @@ def _prepare_work_folder(plan: RunFolderPlan) -> None:
     if plan.copy_finished:
         copy_run(plan.out, plan.work)
     plan.work.mkdir(parents=True, exist_ok=True)
+    # Temporaries of a run killed mid-write (a checkpoint that later epochs may never
+    # rewrite): removed now, and said.
+    for folder in (plan.out.parent, plan.work, plan.work / CHECKPOINTS):
+        for text in clean_leftovers(folder):
+            warnings.warn(text, LeftoverWarning, stacklevel=3)
 
 
 def _apply_schedule(optimizers: Optimizers, schedules: Schedulers) -> None:

@@ -7,6 +7,7 @@ names the file, so a user fixes the CSV in one go rather than column by column.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,17 @@ def read_metadata(path: Path | str, image_ids: Sequence[str]) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, str), skipinitialspace=True)
+        with warnings.catch_warnings():
+            # A row longer than the header would silently become an index or lose cells.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(
+                path,
+                dtype=dict.fromkeys(_TEXT_COLUMNS, str),
+                skipinitialspace=True,
+                index_col=False,
+            )
+    except pd.errors.ParserWarning:
+        raise UnshortcutError(f"{path}: a row has more fields than the header") from None
     except FileNotFoundError:
         raise UnshortcutError(f"{path}: no such file") from None
     except pd.errors.EmptyDataError:

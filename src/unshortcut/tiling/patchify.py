@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from unshortcut.atomic import atomic_directory, atomic_write_text
+from unshortcut.atomic import atomic_directory, atomic_write_text, clean_leftovers
 from unshortcut.errors import UnshortcutError
 from unshortcut.io.annotation_classes import (
     DEFAULT_EXCLUDE_CLASSES,
@@ -48,6 +48,7 @@ from unshortcut.tiling.patchset import (
     SPLITS,
     TABLE_FILE,
     NpyAppender,
+    PatchSet,
     base_manifest,
     write_manifest,
     write_table,
@@ -128,6 +129,8 @@ class PatchifyConfig:
             raise UnshortcutError(
                 f"--split-unit: unknown unit {self.split_unit!r} (use {', '.join(SPLIT_UNITS)})"
             )
+        if self.seed < 0:
+            raise UnshortcutError(f"--seed: must be 0 or more, got {self.seed}")
         if self.region_size is not None and self.region_size < 1:
             raise UnshortcutError("--region-size: must be a positive number of pixels")
         if self.background not in BACKGROUNDS:
@@ -215,7 +218,9 @@ def patchify(
     if workers < 1:
         raise UnshortcutError(f"--workers: must be at least 1, got {workers}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    partial = partial_folder(out_dir)
+    exists = out_dir.exists() and not overwrite
+    if exists and not (partial / "plan.json").is_file():
         raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     entries = discover_dataset(data_dir, config.missing_mask)
     metadata_path = data_dir / "metadata.csv"
@@ -227,7 +232,8 @@ def patchify(
     sources = [_check_entry(entry, config) for entry in entries]
     _check_pixel_types(sources)
     _check_metadata_columns(metadata)
-    partial = partial_folder(out_dir)
+    if exists:
+        return _finished_before(out_dir, partial, _plan(data_dir, config, sources))
     notes = _prepare_partial(partial, data_dir, config, sources)
     try:
         _tile_parts(sources, config, partial, on_image, workers)
@@ -252,6 +258,18 @@ def patchify(
         raise
     shutil.rmtree(partial)
     return PatchifyResult(out_dir, table, manifest, warnings)
+
+
+def _finished_before(out_dir: Path, partial: Path, plan: dict[str, Any]) -> PatchifyResult:
+    """OUT exists beside an OUT.partial: the same command was killed after the patch set
+    was in place and before its parts were removed. Remove them and report the set; a
+    partial of other settings means OUT is another patch set, which is not replaced."""
+    if json.loads((partial / "plan.json").read_text("utf-8")) != plan:
+        raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    shutil.rmtree(partial)
+    patch_set = PatchSet.open(out_dir)
+    note = f"{out_dir}: was finished before an interruption; removed the leftover {partial}"
+    return PatchifyResult(out_dir, patch_set.table, patch_set.manifest, [note])
 
 
 def _check_metadata_columns(metadata: pd.DataFrame | None) -> None:
@@ -308,6 +326,8 @@ def _prepare_partial(
     if not partial.is_dir():
         (partial / "parts").mkdir(parents=True)
         atomic_write_text(plan_file, json.dumps(plan, indent=2))
+    # A part or patch set being written when a run was killed (once here, not per part).
+    notes += clean_leftovers(partial / "parts") + clean_leftovers(partial.parent)
     return notes
 
 
@@ -358,7 +378,7 @@ def tile_part(
     from unshortcut.io.readers import open_image
 
     with (
-        atomic_directory(part) as tmp,
+        atomic_directory(part, clean=False) as tmp,
         _opened(open_image(source.image_path)) as reader,
         _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
         ExitStack() as stores,
