@@ -27,6 +27,11 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+settings.register_profile(  # bench/reliability.py: many examples, still reproducible
+    "bench",
+    parent=settings.get_profile("ci"),
+    max_examples=int(os.environ.get("HYPOTHESIS_BENCH_EXAMPLES", "200")),
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: ../shared/data beside the repository; UNSHORTCUT_SHARED_DATA points elsewhere (a git

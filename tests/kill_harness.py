@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def run_cli(
     its process group ``delay`` seconds after ``progress()`` first reaches ``k`` (with
     ``watch``, only call ``progress`` until the end). Returns (exit code, whether it was
     killed, output)."""
-    with open(cwd / ".cli-output", "w+b") as log:
+    with tempfile.TemporaryFile() as log:  # not in cwd: that disk may be the full one
         process = subprocess.Popen(
             [*CLI, *argv],
             cwd=cwd,

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kill_harness import (
     COMPLETE,
@@ -40,26 +41,27 @@ RUN = [
     "config.json",
     "history.jsonl",
     "metrics.json",
-    "checksums.json",
     "predictions/val.parquet",
     "predictions/test.parquet",
 ]
-TRAIN = [
-    "--device",
-    "cpu",
-    "--quiet",
-    "--batch-size",
-    "32",
-    "--lr",
-    "0.02",
-    "--config",
-    "train.toml",
-]
+TRAIN = ["--device", "cpu", "--quiet", "--batch-size", "32", "--lr", "0.02"]
+TRAIN += ["--config", "train.toml"]
 
 
 def write_train_toml(ws: Path) -> None:
     """Settings the command line has no flag for: fewer bootstrap resamples, one thread."""
     (ws / "train.toml").write_text("bootstrap = 50\nnum_threads = 1\n")
+
+
+def run_outputs(run: Path) -> dict[str, bytes]:
+    """A run's files, and its checkpoints by content: their bytes may differ (the pickle
+    shares equal objects differently in a resumed process) while the tensors and values,
+    hashed in each checkpoint's integrity stamp, may not."""
+    found = files(run, RUN)
+    for checkpoint in sorted((run / "checkpoints").glob("*.pt")):
+        stamp = torch.load(checkpoint, weights_only=False)["integrity"]["sha256"]
+        found[f"{checkpoint.relative_to(run)} (content)"] = stamp.encode()
+    return found
 
 
 def patchify_scenario(data: Path, workers: int) -> Scenario:
@@ -113,7 +115,7 @@ def train_scenario(patches: Path, method: str, epochs: int = 2) -> Scenario:
         prepare=write_train_toml,
         command=command,
         rerun=_resume_or_start(command),
-        outputs=lambda ws: files(ws / "run", RUN),
+        outputs=lambda ws: run_outputs(ws / "run"),
         progress=lambda ws: epochs_done(ws / "run"),
         read=lambda ws: read_run(ws / "run"),
         watched=(".", "run", "run/checkpoints"),
@@ -153,7 +155,7 @@ def replace_scenario(patches: Path, old: Path, extend: bool) -> Scenario:
         prepare=prepare,
         command=command,
         rerun=rerun,
-        outputs=lambda ws: files(ws / "run", RUN),
+        outputs=lambda ws: run_outputs(ws / "run"),
         progress=lambda ws: epochs_done(ws / "run"),
         read=lambda ws: read_run(ws / "run"),
         allowed=frozenset({COMPLETE}),

@@ -180,6 +180,11 @@ def atomic_directory(target: Path, overwrite: bool = False, clean: bool = True) 
     tmp.mkdir(mode=0o777 & ~_umask())
     try:
         yield tmp
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.filename is None:  # a failed write names no file: name the folder
+            raise OSError(error.errno, error.strerror, str(target)) from error
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -200,6 +205,11 @@ def atomic_file(target: Path) -> Iterator[Path]:
         tmp.touch(mode=0o666 & ~_umask(), exist_ok=False)
         yield tmp
         os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename is None:  # a failed write names no file: name the one meant
+            raise OSError(error.errno, error.strerror, str(target)) from error
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
