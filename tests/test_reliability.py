@@ -43,10 +43,11 @@ from unshortcut.runs import (
     verify_run,
 )
 from unshortcut.sealed import seal
+from unshortcut.sweep.store import execute
 from unshortcut.synth import generate_dataset, make_config
 from unshortcut.tiling import patchset as patchset_module
 from unshortcut.tiling.patchify import PatchifyConfig, partial_folder, patchify
-from unshortcut.tiling.patchset import PatchSet, write_patch_set
+from unshortcut.tiling.patchset import PatchSet, replace_table, write_patch_set
 from unshortcut.train import train
 
 FAST = {
@@ -489,6 +490,18 @@ def test_a_collapsed_model_is_reported_on_the_console(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "warning: test: the model predicts non-tumor for 100.0%" in result.output
     assert "--method cb_erm or resample" in result.output
+    # The same words after evaluate, in a report, and in a sweep's log.
+    for args in (
+        ["evaluate", tmp_path / "run", "--bootstrap", "0"],
+        ["report", tmp_path / "run", "--bootstrap", "0"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+        assert "collapsed to one class" in result.output.replace("\n", " "), result.output
+    job = config(tmp_path / "poor", tmp_path / "sweep-run", epochs=3, select_by=["loss"])
+    status, texts = execute(job.model_dump(mode="json"))
+    assert status == "finished"
+    assert any(t.startswith("erm: test: the model predicts non-tumor") for t in texts)
 
 
 def test_an_empty_jtt_error_set_reaches_the_console_as_one_line(
@@ -512,3 +525,16 @@ def test_an_empty_jtt_error_set_reaches_the_console_as_one_line(
         "0.05",
     )
     assert_one_line_error(result, "error set is empty")
+
+
+def test_a_group_absent_from_the_test_split_is_named_on_the_console(
+    patches: Path, tmp_path: Path
+) -> None:
+    edited = copy_folder(patches, tmp_path / "patches")
+    table = PatchSet.open(edited).table
+    gone = (table["split"] == "test") & (table["label"] == 1) & (table["tissue_ratio"] < 0.5)
+    table.loc[gone, "split"] = "train"
+    replace_table(edited, table)
+    result = cli("train", edited, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "warning: test: group tumor|tissue_ratio<0.5 has no samples" in result.output
