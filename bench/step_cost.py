@@ -16,19 +16,18 @@ rate (batch size over its median step time in the block), and the table reports 
 mean and spread over blocks of each rate and of its cost per sample relative to ERM.
 Writes bench/results/step_cost.json (rows layout) and prints the table.
 
-Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 200] [--blocks 5]``.
+Usage: ``python bench/step_cost.py [--size 32] [--batch 64] [--steps 200] [--blocks 5]``;
+on a GPU, the paper's setting: ``python bench/step_cost.py --device cuda --model resnet50
+--size 224 --batch 128 --bf16 --channels-last`` (the table then names the GPU and each
+variant's peak memory).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unshortcut.atomic import atomic_write_text
+from common import stat, write_results
 from unshortcut.methods import Batch, GroupedSplit, get_method
 from unshortcut.models import build_model
 
@@ -55,14 +54,16 @@ def make_data(n: int, size: int, seed: int) -> tuple[GroupedSplit, torch.Tensor]
     return split, torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def batch_of(split: GroupedSplit, pixels: torch.Tensor, rows: np.ndarray) -> Batch:
+def batch_of(
+    split: GroupedSplit, pixels: torch.Tensor, rows: np.ndarray, device: torch.device
+) -> Batch:
     index = torch.as_tensor(rows)
     return Batch(
-        pixels[index],
-        torch.as_tensor(split.labels[rows]),
-        torch.as_tensor(split.attributes[rows]),
-        torch.as_tensor(split.groups[rows]),
-        index,
+        pixels[index.to(pixels.device)],
+        torch.as_tensor(split.labels[rows]).to(device),
+        torch.as_tensor(split.attributes[rows]).to(device),
+        torch.as_tensor(split.groups[rows]).to(device),
+        index.to(device),
     )
 
 
@@ -76,15 +77,20 @@ def two_backward_step(model: torch.nn.Module, batch: Batch, beta: float) -> None
 
 def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     """A closure running one training step of a variant; returns its duration in seconds."""
-    split, pixels = make_data(4096, args.size, seed=0)
+    device = torch.device(args.device)
+    split, pixels = make_data(4096 if device.type == "cpu" else 1024, args.size, seed=0)
+    pixels = pixels.to(device)
     torch.manual_seed(0)
-    model = build_model(args.model, 3, 2, args.size).train()
+    model = build_model(args.model, 3, 2, args.size).to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
     ctx = SimpleNamespace(
         train=split,
         val=split,
         batch_size=args.batch,
         seed=0,
-        device=torch.device("cpu"),
+        device=device,
         pretrained=False,
         make_optimizer=lambda params, *_: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
     )
@@ -102,7 +108,7 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
     stream = batches()
 
     def step() -> None:
-        batch = batch_of(split, pixels, next(stream))
+        batch = batch_of(split, pixels, next(stream), device)
         if name == "two_backward":
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
@@ -113,18 +119,18 @@ def run_variant(name: str, args: argparse.Namespace) -> Callable[[], float]:
             method.train_step(model, batch, optimizers)
 
     def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for _ in range(args.warmup):
         timed()
     return timed
-
-
-def stat(values: list[float]) -> dict[str, object]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "values": values}
 
 
 def main() -> None:
@@ -137,11 +143,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     timers = {name: run_variant(name, args) for name in VARIANTS}
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     per_block = max(1, args.steps // args.blocks)
     for _ in range(args.blocks):
@@ -158,10 +169,12 @@ def main() -> None:
         rows.append(
             {"variant": name, "samples_per_s": stat(rates[name]), "cost_vs_erm": stat(cost)}
         )
+    where = gpu or f"CPU x{args.threads}"
     title = (
         f"GERNE step cost: {args.model}, {args.size} px, 3 channels, batch {args.batch}, "
-        f"beta {args.beta:g}, CPU x{args.threads}, {args.blocks} blocks of {per_block} "
-        "interleaved steps"
+        f"beta {args.beta:g}, {where}{', bf16' if args.bf16 else ''}"
+        f"{', channels-last' if args.channels_last else ''}, {args.blocks} blocks of "
+        f"{per_block} interleaved steps"
     )
     table = Table(title=title)
     for column in ("variant", "samples/s", "cost per sample vs ERM"):
@@ -178,20 +191,14 @@ def main() -> None:
     ratio = rows[1]["cost_vs_erm"]["mean"]
     verdict = "within" if ratio <= FLOOR else "ABOVE"
     console.print(f"GERNE / ERM cost per sample: {ratio:.3f} ({verdict} the {FLOOR}x floor)")
-    atomic_write_text(
+    write_results(
         args.results,
-        json.dumps(
-            {
-                "title": title,
-                "rows": rows,
-                "floor": FLOOR,
-                "command": shlex.join(["python", "bench/step_cost.py", *sys.argv[1:]]),
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
-        + "\n",
+        rows,
+        title=title,
+        floor=FLOOR,
+        device=gpu or "CPU",
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if gpu else None,
+        torch=torch.__version__,
     )
 
 

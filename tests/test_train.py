@@ -470,3 +470,19 @@ def test_a_run_opens_from_another_directory_and_evaluation_reads_only_val_and_te
     assert set(data.tables) == {"val", "test"}  # the training split is never read
     _, metrics = evaluate_run(run, bootstrap=0)
     assert metrics["test"]["n"] == len(data.splits["test"])
+
+
+def test_bf16_autocast_and_channels_last_train_when_asked(patches: Path, tmp_path: Path) -> None:
+    config = _config(patches, tmp_path / "run", precision="bf16", channels_last="on")
+    assert config.uses_bf16("cpu") and config.uses_channels_last("cpu")
+    default = _config(patches, tmp_path / "x")
+    assert not default.uses_bf16("cpu") and default.uses_bf16("cuda")
+    assert not default.uses_channels_last("cpu") and default.uses_channels_last("cuda")
+    run = train(config, progress=False)
+    metrics = json.loads(_read(run / "metrics.json"))
+    assert metrics["test"]["accuracy"] > 0.9  # the toy task is still learnt
+    data = training_data(config, torch.device("cpu"))
+    batch = next(data.loaders["train"].batches([np.arange(8)], prefetch=False))
+    assert batch.x.is_contiguous(memory_format=torch.channels_last)
+    raw = data.loaders["train"].read(np.arange(8))
+    assert raw.x.dtype == torch.uint8  # what crosses to a GPU: 4x fewer bytes than float32

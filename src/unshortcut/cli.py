@@ -343,6 +343,12 @@ def train_command(
         "(default: all, worst_group_accuracy first).",
     ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default: auto)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="auto, fp32 or bf16 autocast (default: auto = bf16 on CUDA)."
+    ),
+    channels_last: str | None = typer.Option(
+        None, "--channels-last", help="auto, on or off (default: auto = on CUDA)."
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -357,6 +363,7 @@ def train_command(
     Groups are the label crossed with attribute bins fitted on the training split; the
     checkpoint is chosen on validation data only and the test split is scored once.
     """
+    from unshortcut import distributed
     from unshortcut.config import load_config, parse_hp
     from unshortcut.evaluate import metric_warnings, results_tables
     from unshortcut.runs import open_run, resume_config
@@ -381,10 +388,14 @@ def train_command(
         hp=parse_hp(hp) if hp else None,
         select_by=select_by,
         device=device,
+        precision=precision,
+        channels_last=channels_last,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         run = train(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 speaks for every rank
     metrics = open_run(run).metrics
     for table in results_tables(metrics, f"{settings.method} ({run})"):
         console.print(table)

@@ -49,6 +49,12 @@ class TrainConfig(BaseModel):
     select_by: list[str] = Field(default_factory=lambda: list(CRITERIA))
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the final CIs")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for training steps and inference; auto: bf16 on CUDA"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels-last memory format for model and batches; auto: on CUDA"
+    )
     prefetch: bool = True
 
     @field_validator("patches")
@@ -68,6 +74,17 @@ class TrainConfig(BaseModel):
     @property
     def primary_criterion(self) -> str:
         return self.select_by[0]
+
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether steps run under bf16 autocast: on CUDA by default; on the CPU only when
+        asked (faster for the small CNN on some CPUs, but results then depend on the
+        CPU's bf16 kernels: see bench/precision.py)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
+    def uses_channels_last(self, device_type: str) -> bool:
+        return self.channels_last == "on" or (
+            self.channels_last == "auto" and device_type == "cuda"
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

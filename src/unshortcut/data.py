@@ -6,11 +6,13 @@ followed by a reorder to the requested order. There is no per-sample ``Dataset``
 indirection: the method hands the loop whole index arrays, and everything after the
 read (normalisation, flips, rotations, intensity jitter) is done on the batch tensor.
 
-Determinism and DDP: batch index lists come from the method and depend only on
-``(seed, epoch)``; augmentation draws from a ``torch.Generator`` seeded from the same
-pair. Under ``torch.distributed`` every rank draws the same index lists and keeps its
-own slice of each batch (:func:`shard_for_rank`), so all ranks take the same number
-of steps and together see exactly the single-process batch.
+Determinism and data parallelism: batch index lists come from the method and depend
+only on ``(seed, epoch)``; augmentation draws from a ``torch.Generator`` seeded from the
+same pair. Under ``torch.distributed`` every rank draws the same index lists and keeps
+its strided share of each batch (``distributed.shard``), and the augmentation draws its
+random numbers for the whole batch and applies those of the rank's rows, so all ranks
+take the same number of steps and together see exactly the single-process batch,
+augmented exactly as in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unshortcut import distributed
 from unshortcut.errors import UnshortcutError
 from unshortcut.prefetch import prefetched
 from unshortcut.rows import Batch, GroupedSplit
@@ -106,15 +109,27 @@ class Augmentation:
     intensity_shift: float = 0.1
 
     def __call__(
-        self, x: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        generator: torch.Generator,
+        rows: np.ndarray | None = None,
+        drawn: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment ``x`` (and ``mask``); random numbers are drawn for ``drawn`` rows (the
+        whole batch) and those at ``rows`` applied, so a rank's share of a batch gets
+        exactly what the same rows get in one process."""
         n, c = x.shape[:2]
+        total = n if drawn is None else drawn
         # Draw every random number up front in a fixed order: the result depends only
         # on the generator's state, whichever options are on.
-        flip = torch.rand(n, generator=generator) < 0.5
-        turns = torch.randint(0, 4, (n,), generator=generator)
-        scale = 1 + self.intensity_scale * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
-        shift = self.intensity_shift * (2 * torch.rand(n, c, 1, 1, generator=generator) - 1)
+        flip = torch.rand(total, generator=generator) < 0.5
+        turns = torch.randint(0, 4, (total,), generator=generator)
+        scale = 1 + self.intensity_scale * (2 * torch.rand(total, c, 1, 1, generator=generator) - 1)
+        shift = self.intensity_shift * (2 * torch.rand(total, c, 1, 1, generator=generator) - 1)
+        if rows is not None:
+            pick = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            flip, turns, scale, shift = flip[pick], turns[pick], scale[pick], shift[pick]
         kind = torch.zeros(n, dtype=torch.int64)
         if self.flips:
             kind += 4 * flip
@@ -124,12 +139,12 @@ class Augmentation:
             # One gather applies each patch's symmetry: output pixel p reads input pixel
             # table[kind, p] (rot90 of a flipped index grid), for images and masks alike.
             size = x.shape[-1]
-            source = _symmetry_table(size)[kind]
+            source = _symmetry_table(size)[kind].to(x.device)
             x = x.reshape(n, c, -1).gather(2, source[:, None].expand(n, c, -1)).view_as(x)
             if mask is not None:
                 mask = mask.reshape(n, -1).gather(1, source).view_as(mask)
         if self.intensity_scale or self.intensity_shift:
-            x = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+            x = torch.addcmul(shift.to(x.device, x.dtype), x, scale.to(x.device, x.dtype))
         return x, mask
 
 
@@ -148,19 +163,17 @@ def augmentation_generator(seed: int, epoch: int, stream: int = 0) -> torch.Gene
     return torch.Generator().manual_seed(int(value))
 
 
-def shard_for_rank(index: np.ndarray) -> np.ndarray:
-    """This rank's slice of a batch under ``torch.distributed``; the whole batch otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return index[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
-    return index
-
-
 class SplitData:
     """One split of a patch set as batches of normalised tensors.
 
     ``rows`` are the split's pixel-store positions; ``split`` holds its labels,
     attribute bins and groups in the same order, so ``Batch.index`` are row numbers of
     this split (what methods index their ``GroupedSplit`` arrays with).
+
+    A batch is *read* (pixels in the store's own type, masks as uint8) and then
+    *finished* (float, normalised, augmented). On a GPU the raw batch crosses to the
+    device (4x fewer bytes for uint8 than float32) and is finished there; on the CPU
+    both happen in the prefetch thread.
     """
 
     def __init__(
@@ -171,6 +184,7 @@ class SplitData:
         split: GroupedSplit,
         normalization: Normalization,
         device: torch.device,
+        channels_last: bool = False,
     ) -> None:
         if len(rows) != len(split):
             raise ValueError(f"{len(rows)} pixel rows for a split of {len(split)} patches")
@@ -179,6 +193,7 @@ class SplitData:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.split = split
         self.device = device
+        self.channels_last = channels_last
         mean = torch.tensor(normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
         inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
         # (x - mean) / std as one fused x * inv_std + bias pass.
@@ -202,29 +217,21 @@ class SplitData:
         out[order] = block
         return out
 
-    def load(
-        self,
-        index: np.ndarray,
-        augmentation: Augmentation | None = None,
-        generator: torch.Generator | None = None,
-        with_masks: bool = True,
-    ) -> Batch:
-        """The batch of split rows ``index`` on the CPU (augmented when given one)."""
+    def read(self, index: np.ndarray, with_masks: bool = True) -> Batch:
+        """The rows ``index`` as stored: pixels in their own type (float32 where torch has
+        no such type), masks as uint8 (255 = all tumor); labels and attributes."""
         index = np.asarray(index, dtype=np.int64)
-        x = torch.from_numpy(self._read(self.pixels, index).astype(np.float32, copy=False))
-        x = torch.addcmul(self._bias, x, self._inv_std)
+        block = self._read(self.pixels, index)
+        if block.dtype not in (np.uint8, np.uint16, np.float32):
+            block = block.astype(np.float32)
         mask = None
         if with_masks and self.masks is not None:
-            mask = torch.from_numpy(self._read(self.masks, index)).float().div_(255)
-        if augmentation is not None:
-            if generator is None:
-                raise ValueError("augmentation needs a seeded generator")
-            x, mask = augmentation(x, mask, generator)
+            mask = torch.from_numpy(self._read(self.masks, index))
         t = torch.from_numpy(index)
         attribute = self._attributes[t]
         y = self._labels[t]
         return Batch(
-            x=x,
+            x=torch.from_numpy(block),
             y=y,
             attribute=attribute,
             group=y * self.split.n_attributes + attribute,
@@ -234,6 +241,42 @@ class SplitData:
             mask=mask,
         )
 
+    def finish(
+        self,
+        batch: Batch,
+        augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        share: tuple[np.ndarray, int] | None = None,
+    ) -> Batch:
+        """Normalise (and augment) a read batch on whichever device it is.
+
+        ``share`` = (positions, batch size): the batch is the rows at those positions of
+        a larger batch, and the augmentation draws as for the larger batch.
+        """
+        device = batch.x.device
+        x = torch.addcmul(self._bias.to(device), batch.x.float(), self._inv_std.to(device))
+        mask = None if batch.mask is None else batch.mask.float().div_(255)
+        if augmentation is not None:
+            if generator is None:
+                raise ValueError("augmentation needs a seeded generator")
+            rows, drawn = share if share is not None else (None, None)
+            x, mask = augmentation(x, mask, generator, rows, drawn)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch.x, batch.mask = x, mask
+        return batch
+
+    def load(
+        self,
+        index: np.ndarray,
+        augmentation: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        with_masks: bool = True,
+        share: tuple[np.ndarray, int] | None = None,
+    ) -> Batch:
+        """The finished batch of split rows ``index`` on the CPU."""
+        return self.finish(self.read(index, with_masks), augmentation, generator, share)
+
     def batches(
         self,
         indices: Iterable[np.ndarray],
@@ -241,20 +284,38 @@ class SplitData:
         generator: torch.Generator | None = None,
         prefetch: bool = True,
         with_masks: bool = True,
+        shard: bool = True,
     ) -> Iterator[Batch]:
         """Batches for a sequence of index arrays, optionally read ahead by a thread.
 
-        The thread only reads and augments, in order, with the one generator, so the
-        batches are identical with and without prefetching.
+        Under data parallelism (and ``shard``) each yielded batch is this rank's share of
+        the batch. Batches are finished in order with the one generator, so they are
+        identical with and without prefetching, on the CPU and on a GPU.
         """
-        indices = (shard_for_rank(np.asarray(i)) for i in indices)
-        loads = (self.load(i, augmentation, generator, with_masks) for i in indices)
-        source = prefetched(loads) if prefetch else loads
-        for batch in source:
-            yield batch if self.device.type == "cpu" else batch.to(self.device)
+        sharded = shard and distributed.world() > 1
+        arrays = (np.asarray(i) for i in indices)
+        jobs = ((i, distributed.positions(len(i)) if sharded else slice(None)) for i in arrays)
 
-    def sequential(self, batch_size: int, prefetch: bool = True) -> Iterator[Batch]:
-        """Every row once, in order, without augmentation or masks (for prediction)."""
-        starts = range(0, len(self), batch_size)
-        index = (np.arange(s, min(s + batch_size, len(self))) for s in starts)
-        return self.batches(index, prefetch=prefetch, with_masks=False)
+        def share(index: np.ndarray, positions: Any) -> tuple[np.ndarray, int] | None:
+            return (positions, len(index)) if sharded else None
+
+        if self.device.type == "cpu":
+            loads = (
+                self.load(i[p], augmentation, generator, with_masks, share(i, p)) for i, p in jobs
+            )
+            yield from prefetched(loads) if prefetch else loads
+            return
+        reads = ((self.read(i[p], with_masks), share(i, p)) for i, p in jobs)
+        for raw, part in prefetched(reads) if prefetch else reads:
+            moved = raw.to(self.device)
+            yield self.finish(moved, augmentation, generator, part)
+
+    def sequential(
+        self, batch_size: int, prefetch: bool = True, rows: slice | None = None
+    ) -> Iterator[Batch]:
+        """``rows`` (default every row) once, in order, without augmentation or masks, in
+        batches read whole on every rank (for prediction; ranks split rows themselves)."""
+        selected = np.arange(len(self))[rows or slice(None)]
+        starts = range(0, len(selected), batch_size)
+        index = (selected[s : s + batch_size] for s in starts)
+        return self.batches(index, prefetch=prefetch, with_masks=False, shard=False)

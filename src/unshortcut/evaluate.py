@@ -60,6 +60,7 @@ def evaluate_run(
         scheme=run.scheme,
         normalization=run.normalization,
         robust_bins=run.robust_bins,
+        channels_last=run.config.uses_channels_last(dev.type),
     )
     info = run.resolved["input"]
     if (data.patchset.channels, data.patchset.input_size) != (info["channels"], info["size"]):
@@ -80,7 +81,8 @@ def evaluate_run(
         "criterion": criterion,
         "epoch": run.metrics["selection"]["by_criterion"].get(criterion),
     }
-    log_probs = {s: log_probabilities(model, data.loaders[s]) for s in EVAL_SPLITS}
+    bf16 = run.config.uses_bf16(dev.type)
+    log_probs = {s: log_probabilities(model, data.loaders[s], bf16=bf16) for s in EVAL_SPLITS}
     kept = (
         None if trained_on is None else np.setdiff1d(np.arange(len(data.splits["val"])), trained_on)
     )

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from unshortcut import distributed
 from unshortcut.data import Normalization, SplitData, channel_stats
 from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
@@ -69,6 +70,8 @@ class RunData:
     tables: dict[str, pd.DataFrame]
     splits: dict[str, GroupedSplit]
     loaders: dict[str, SplitData]
+    channels_last: bool = False
+    """Batches in channels-last memory format (what the run's model was set up for)."""
 
     @property
     def source(self) -> str:
@@ -103,6 +106,7 @@ class RunData:
             grouped,
             self.normalization,
             self.device,
+            self.channels_last,
         )
 
 
@@ -117,6 +121,7 @@ def load_run_data(
     scheme: GroupScheme | None = None,
     normalization: Normalization | None = None,
     robust_bins: list[list[int]] | None = None,
+    channels_last: bool = False,
 ) -> RunData:
     """Open a patch set and prepare ``splits``.
 
@@ -128,13 +133,14 @@ def load_run_data(
     patchset = PatchSet.open(patches)
     data = RunData(
         patchset,
-        scheme,
-        normalization,
-        robust_bins,
+        scheme,  # type: ignore[arg-type]  (fitted below when None)
+        normalization,  # type: ignore[arg-type]
+        robust_bins,  # type: ignore[arg-type]
         device,
-        {},
-        {},
-        {},  # type: ignore[arg-type]
+        tables={},
+        splits={},
+        loaders={},
+        channels_last=channels_last,
     )
     train_source = f"{data.source} (train split)"
     if scheme is None or normalization is None or robust_bins is None:
@@ -166,27 +172,45 @@ def load_run_data(
 
 @torch.no_grad()
 def _forward_all(
-    model: nn.Module, loader: SplitData, pick: Callable[[ModelOutput], torch.Tensor], prefetch: bool
+    model: nn.Module,
+    loader: SplitData,
+    pick: Callable[[ModelOutput], torch.Tensor],
+    prefetch: bool,
+    bf16: bool,
 ) -> np.ndarray:
+    """``pick`` of the model's outputs for every row, in order, in eval mode (under bf16
+    autocast when ``bf16``).
+
+    Under data parallelism each rank scores a contiguous block of rows and the blocks are
+    gathered, so every rank returns every row.
+    """
     was_training = model.training
     model.eval()
-    out = [pick(model.outputs(batch.x)).cpu() for batch in loader.sequential(EVAL_BATCH, prefetch)]
+    rows = distributed.contiguous_share(len(loader))
+    out = []
+    for batch in loader.sequential(EVAL_BATCH, prefetch, rows=rows):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(pick(model.outputs(batch.x)).cpu())
     model.train(was_training)
-    return torch.cat(out).numpy()
+    return distributed.gather_rows(torch.cat(out).numpy() if out else None)
 
 
-def log_probabilities(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+def log_probabilities(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> np.ndarray:
     """Class log-probabilities ``(N, K)`` of every row, in order, in float64.
 
     Computed from the logits in float64, so the per-row cross-entropy (and the mean
     loss in metrics.json) can be recomputed exactly from the stored probabilities.
     """
     return _forward_all(
-        model, loader, lambda out: torch.log_softmax(out.logits.double(), dim=1), prefetch
+        model, loader, lambda out: torch.log_softmax(out.logits.double(), dim=1), prefetch, bf16
     )
 
 
-def features(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.ndarray:
+def features(
+    model: nn.Module, loader: SplitData, prefetch: bool = True, bf16: bool = False
+) -> np.ndarray:
     """Penultimate features ``(N, D)`` of every row, in order."""
 
     def pick(out: ModelOutput) -> torch.Tensor:
@@ -194,7 +218,7 @@ def features(model: nn.Module, loader: SplitData, prefetch: bool = True) -> np.n
             raise UnshortcutError("the model exposes no features (ModelOutput.features)")
         return out.features.float()
 
-    return _forward_all(model, loader, pick, prefetch)
+    return _forward_all(model, loader, pick, prefetch, bf16)
 
 
 def row_losses(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -243,9 +243,11 @@ def settle_partial(out: Path) -> None:
 
 def resume_source(out: Path) -> Path:
     """The folder ``--resume`` continues: an unfinished replacement or extension of
-    ``out`` when there is one, else ``out`` itself."""
+    ``out`` when there is one, else ``out`` itself (a finished ``out.partial`` is a swap
+    cut short, for :func:`settle_partial`, not something to resume)."""
     partial = partial_run(out)
-    return partial if (partial / "config.json").is_file() else out
+    unfinished = (partial / "config.json").is_file() and _finished_at(partial) is None
+    return partial if unfinished else out
 
 
 def resume_config(file: Path | None = None, **flags: Any) -> TrainConfig:
@@ -253,7 +255,6 @@ def resume_config(file: Path | None = None, **flags: Any) -> TrainConfig:
     TOML ``file`` and the other ``flags`` on top (:func:`unshortcut.config.load_config`;
     settings that differ from the saved run are refused later, but for the free ones)."""
     out = Path(flags["out"])
-    settle_partial(out)
     saved_file = resume_source(out) / "config.json"
     if not saved_file.is_file():
         raise UnshortcutError(f"{out}: no run to resume (config.json is missing)")
@@ -284,14 +285,13 @@ class RunFolderPlan:
 
 
 def plan_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> RunFolderPlan:
-    """Refuse unusable run folders and decide where to write (writes nothing, except
-    finishing the swap of a killed run, see :func:`settle_partial`)."""
+    """Refuse unusable run folders and decide where to write; writes nothing (call
+    :func:`settle_partial` first, from one process)."""
     out = config.out
     if resume and overwrite:
         raise UnshortcutError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise UnshortcutError(f"{out}: exists and is not a folder")
-    settle_partial(out)
     partial = partial_run(out)
     if resume:
         return _plan_resume(config, out, resume_source(out))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unshortcut import distributed
 from unshortcut.atomic import (
     LeftoverWarning,
     atomic_directory,
@@ -66,6 +67,7 @@ from unshortcut.runs import (
     read_json,
     resolved_config,
     save_checkpoint,
+    settle_partial,
     write_checksums,
     write_history,
     write_json,
@@ -109,6 +111,7 @@ def train_epoch(
     augmentation: Augmentation | None,
     prefetch: bool,
     on_step: Callable[[int, int], None] | None = None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """One epoch of the method's batches; returns the mean of each loss term.
 
@@ -124,17 +127,36 @@ def train_epoch(
     for step, batch in enumerate(
         loader.batches(indices, augmentation, generator, prefetch=prefetch)
     ):
-        terms = method.train_step(model, batch, optimizers)
-        if not math.isfinite(terms["loss"]):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = method.train_step(model, batch, optimizers)
+        loss = _agreed_loss(terms["loss"])
+        if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"training diverged: the loss is {terms['loss']} at epoch {epoch}, step {step} "
+                f"training diverged: the loss is {loss} at epoch {epoch}, step {step} "
                 f"({_divergence_cause(batch)})"
             )
         for name, value in terms.items():
             sums[name] += value
         if on_step is not None:
             on_step(step + 1, len(indices))
-    return {name: total / max(len(indices), 1) for name, total in sums.items()}
+    return _epoch_means(sums, len(indices))
+
+
+def _agreed_loss(loss: float) -> float:
+    """The step's loss, non-finite on every rank when it is on any (so all stop together)."""
+    if distributed.world() == 1:
+        return loss
+    bad = distributed.all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss) else 1.0]))
+    return math.nan if bad.item() else loss
+
+
+def _epoch_means(sums: dict[str, float], steps: int) -> dict[str, float]:
+    """Mean of each term over the epoch's steps; averaged over ranks, each rank's term is
+    its share of the global batch mean (``distributed.global_mean``)."""
+    names = sorted(sums)
+    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+    totals = distributed.all_reduce_sum(totals) / distributed.world()
+    return {n: float(t) / max(steps, 1) for n, t in zip(names, totals, strict=True)}
 
 
 def _divergence_cause(batch: Batch) -> str:
@@ -175,11 +197,13 @@ def run_epochs(
     """The epochs of one model: train, method bookkeeping, schedules, then ``after_epoch``.
 
     Used for the run's model and for every auxiliary model alike; ends early when the
-    method gives a stop reason (after ``after_epoch`` has recorded it).
+    method gives a stop reason (after ``after_epoch`` has recorded it). Under data
+    parallelism the training steps see the model wrapped for it (``distributed.wrap``).
     """
+    train_model = distributed.wrap(model, ctx.device)
     for epoch in epochs:
         terms = train_epoch(
-            model,
+            train_model,
             method,
             ctx.data.loaders["train"],
             optimizers,
@@ -189,6 +213,7 @@ def run_epochs(
             augmentation=ctx.augmentation,
             prefetch=ctx.config.prefetch,
             on_step=on_step,
+            bf16=ctx.config.uses_bf16(ctx.device.type),
         )
         method.on_epoch_end(epoch, model, terms)
         lr = next(iter(optimizers.values())).param_groups[0]["lr"]
@@ -233,7 +258,10 @@ class LoopContext:
                 patchset.input_size,
                 pretrained=True,
             )
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.config.uses_channels_last(self.device.type):
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
     def make_optimizer(
         self,
@@ -278,10 +306,12 @@ class LoopContext:
         return np.exp(self.log_probabilities(model, split))
 
     def log_probabilities(self, model: nn.Module, split: str) -> np.ndarray:
-        return log_probabilities(model, self.data.loaders[split], self.config.prefetch)
+        bf16 = self.config.uses_bf16(self.device.type)
+        return log_probabilities(model, self.data.loaders[split], self.config.prefetch, bf16)
 
     def features(self, model: nn.Module, split: str) -> np.ndarray:
-        return features(model, self.data.loaders[split], self.config.prefetch)
+        bf16 = self.config.uses_bf16(self.device.type)
+        return features(model, self.data.loaders[split], self.config.prefetch, bf16)
 
     def validation_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Validation metrics without bootstrap (cheap enough for every epoch)."""
@@ -419,6 +449,7 @@ def training_data(
         attributes=config.attributes,
         taus=config.taus,
         normalize=config.normalize,
+        channels_last=config.uses_channels_last(device.type),
     )
 
 
@@ -442,7 +473,11 @@ def train(
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is on disk (sweeps
     report progress with it; tests kill runs with it).
     """
-    device = resolve_device(config.device)
+    device = distributed.init_from_env(resolve_device(config.device))
+    main = distributed.is_main()  # the one writer under data parallelism
+    if main:
+        settle_partial(config.out)
+    distributed.barrier()
     plan = plan_run_folder(config, resume, overwrite)
     run = plan.work
     with reproducible(config, device):
@@ -452,36 +487,40 @@ def train(
         ctx.val_rows = _selection_rows(method, len(ctx.val))
         model = ctx.new_model()
         # Bad input has been refused by now: only then is anything written or removed.
-        _prepare_work_folder(plan)
+        if main:
+            _prepare_work_folder(plan)
+        distributed.barrier()
         optimizers, schedulers = ctx.setup(method, model, config.epochs)
         if plan.checkpoint:
             state = _restore(run, device, model, method, optimizers, schedulers)
-            if config.epochs != plan.saved_epochs:
+            if config.epochs != plan.saved_epochs and main:
                 saved = read_json(run / "config.json")
                 write_json(run / "config.json", {**saved, "epochs": config.epochs})
         else:
             patchset = data.patchset
-            write_json(
-                run / "config.json",
-                resolved_config(
-                    config,
-                    method.hp,
-                    data.scheme,
-                    data.normalization,
-                    data.robust_bins,
-                    patchset.channels,
-                    patchset.input_size,
-                ),
+            resolved = resolved_config(
+                config,
+                method.hp,
+                data.scheme,
+                data.normalization,
+                data.robust_bins,
+                patchset.channels,
+                patchset.input_size,
             )
+            if main:
+                write_json(run / "config.json", resolved)
             method.prepare()
             state = _LoopState([], {}, 0, None)
-        write_history(run, state.history)
+        if main:
+            write_history(run, state.history)
         if state.stopped is None:
-            _run_main_epochs(ctx, run, model, method, optimizers, schedulers, state, progress,
-                             on_epoch_end)  # fmt: skip
+            _run_main_epochs(ctx, run, model, method, optimizers, schedulers, state,
+                             progress and main, on_epoch_end)  # fmt: skip
         _finish(run, ctx, method, state)
-    if run != plan.out:
+        distributed.barrier()
+    if main and run != plan.out:
         move_into_place(run, plan.out)
+    distributed.barrier()
     return plan.out
 
 
@@ -568,20 +607,23 @@ def _run_main_epochs(
             if end.stop is not None:
                 line["stopped"] = state.stopped = end.stop
             state.history.append(line)
-            write_history(run, state.history)
-            _update_best(run, config, state.best, val, _weights(model, method, end.epoch))
-            save_checkpoint(
-                {
-                    **_weights(model, method, end.epoch),
-                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                    "method": method.state_dict(),
-                    "history": state.history,
-                    "best": state.best,
-                    "stopped": end.stop,
-                },
-                run / CHECKPOINTS / LAST,
-            )
+            weights = _weights(model, method, end.epoch)
+            written = _update_best(config, state.best, val, end.epoch)
+            if distributed.is_main():
+                write_history(run, state.history)
+                _save_best(run, written, weights)
+                save_checkpoint(
+                    {
+                        **weights,
+                        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                        "method": method.state_dict(),
+                        "history": state.history,
+                        "best": state.best,
+                        "stopped": end.stop,
+                    },
+                    run / CHECKPOINTS / LAST,
+                )
             bar.remove(steps_task[0])
             bar.update(
                 epochs_task,
@@ -634,25 +676,27 @@ def _load_weights(state: dict[str, Any], model: nn.Module, method: Method) -> No
 
 
 def _update_best(
-    run: Path,
-    config: TrainConfig,
-    best: dict[str, dict[str, Any]],
-    val: dict[str, Any],
-    weights: dict[str, Any],
-) -> None:
-    """Keep, per criterion, the weights of the best validation epoch (ties: the earlier)."""
-    written: Path | None = None
+    config: TrainConfig, best: dict[str, dict[str, Any]], val: dict[str, Any], epoch: int
+) -> list[str]:
+    """Keep, per criterion, the best validation epoch (ties: the earlier); returns the
+    criteria whose best epoch is this one."""
+    improved = []
     for criterion in config.select_by:
         value = selection_value(val, criterion)
         if criterion in best and not value > best[criterion]["value"]:
             continue
-        target = run / CHECKPOINTS / f"best-{criterion}.pt"
-        if written is None:
-            save_checkpoint(weights, target)
-            written = target
-        else:
-            link(written, target)
-        best[criterion] = {"epoch": weights["epoch"], "value": value}
+        best[criterion] = {"epoch": epoch, "value": value}
+        improved.append(criterion)
+    return improved
+
+
+def _save_best(run: Path, criteria: list[str], weights: dict[str, Any]) -> None:
+    """best-<c>.pt for each criterion: the weights stored once, the others hard links."""
+    targets = [run / CHECKPOINTS / f"best-{c}.pt" for c in criteria]
+    if targets:
+        save_checkpoint(weights, targets[0])
+    for target in targets[1:]:
+        link(targets[0], target)
 
 
 def _selection_rows(method: Method, n_val: int) -> np.ndarray | None:
@@ -664,8 +708,14 @@ def _selection_rows(method: Method, n_val: int) -> np.ndarray | None:
 
 
 def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> None:
-    """Finalize and score each selected checkpoint once; then write predictions and metrics."""
+    """Finalize and score each selected checkpoint once; then write predictions and metrics.
+
+    Every rank computes (finalize and scoring are deterministic and their inference is
+    gathered); rank 0 writes.
+    """
     config, best = ctx.config, state.best
+    main = distributed.is_main()
+    distributed.barrier()  # rank 0's best-<c>.pt files are on disk
     ctx.data.load("test")
     by_epoch: dict[int, dict[str, Any]] = {}
     finals: dict[int, Path] = {}
@@ -673,17 +723,20 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
         epoch = int(best[criterion]["epoch"])
         target = run / CHECKPOINTS / f"final-{criterion}.pt"
         if epoch in by_epoch:
-            link(finals[epoch], target)
+            if main:
+                link(finals[epoch], target)
             continue
         source = run / CHECKPOINTS / f"best-{criterion}.pt"
         model = ctx.new_model()
         _load_weights(load_checkpoint(source, ctx.device), model, method)
         if type(method).finalize is Method.finalize:
-            link(source, target)  # nothing to finalize: the same weights, stored once
+            if main:
+                link(source, target)  # nothing to finalize: the same weights, stored once
         else:
             torch.manual_seed(derive_seed(config.seed, epoch, _FINALIZE))
             model = method.finalize(model)
-            save_checkpoint(_weights(model, method, epoch), target)
+            if main:
+                save_checkpoint(_weights(model, method, epoch), target)
         finals[epoch] = target
         log_probs = {s: ctx.log_probabilities(model, s) for s in ("val", "test")}
         by_epoch[epoch] = {
@@ -700,6 +753,8 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
                 for s in ("val", "test")
             },
         }
+    if not main:
+        return
     primary = config.primary_criterion
     chosen = by_epoch[int(best[primary]["epoch"])]
     reserved = method.reserved_val_rows()

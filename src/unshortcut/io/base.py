@@ -8,9 +8,28 @@ All arrays are channel-last ``(height, width, channels)``, even for one channel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 import numpy as np
+
+
+class Closeable:
+    """``with reader:`` for every reader: the block's end calls ``close()``."""
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class ImageReader(Protocol):

@@ -42,14 +42,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 import numpy as np
 
 from unshortcut.blocks import accumulators, block_sum
 from unshortcut.errors import UnshortcutError
-from unshortcut.io.base import ImageReader
+from unshortcut.io.base import Closeable, ImageReader
 from unshortcut.io.readers import block_band_rows, iter_bands, iter_block_sums, open_image
 
 FULL_SCAN_PIXELS = 2**26
@@ -145,7 +144,7 @@ def check_label_values(reader: ImageReader, declared: Collection[int]) -> None:
         )
 
 
-class MaskReader:
+class MaskReader(Closeable):
     """Boolean view of a mask file at its own full resolution (level 0).
 
     ``values`` selects label-map values as foreground (every value in the file must be 0,
@@ -197,17 +196,6 @@ class MaskReader:
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def open_mask(
     path: Path | str, values: Collection[int] | None = None, allowed: Collection[int] = ()
@@ -252,7 +240,7 @@ class SourceMask(Protocol):
     def close(self) -> None: ...
 
 
-class ScaledMask:
+class ScaledMask(Closeable):
     """A mask stored at 1/``scale`` of its image, seen at the image's resolution (nearest).
 
     Image pixel (y, x) takes the value of mask pixel (y // scale, x // scale), clamped to
@@ -318,14 +306,3 @@ class ScaledMask:
 
     def close(self) -> None:
         self.mask.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import shapely
@@ -31,6 +29,7 @@ from shapely.geometry.base import BaseGeometry
 
 from unshortcut.blocks import accumulators, block_sum
 from unshortcut.errors import UnshortcutError
+from unshortcut.io.base import Closeable
 from unshortcut.io.readers import block_band_rows
 
 
@@ -96,7 +95,7 @@ def rasterise(
     return out
 
 
-class PolygonMask:
+class PolygonMask(Closeable):
     """A mask drawn from polygons on demand (the mask-source interface tiling reads).
 
     ``geometry`` is in level-0 pixels (x column, y row); ``shape`` is the image's level-0
@@ -169,14 +168,3 @@ class PolygonMask:
 
     def close(self) -> None:
         """Nothing to release: the geometry lives in memory."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -27,14 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
 from unshortcut.blocks import accumulators, block_sum
 from unshortcut.errors import UnshortcutError
-from unshortcut.io.base import ImageReader
+from unshortcut.io.base import Closeable, ImageReader
 
 PILLOW_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
@@ -193,7 +192,7 @@ def _channel_first(shape: tuple[int, ...]) -> bool:
     return shape[0] <= MAX_CHANNEL_FIRST and shape[0] < shape[1] and shape[0] < shape[2]
 
 
-class _ReaderBase:
+class _ReaderBase(Closeable):
     """Bounds checks, error wording and context-manager support shared by all readers."""
 
     path: Path
@@ -219,20 +218,6 @@ class _ReaderBase:
 
     def _decode_error(self, exc: Exception) -> UnshortcutError:
         return UnshortcutError(f"{self.path}: cannot decode image data ({exc})")
-
-    def close(self) -> None:
-        """Nothing to release by default."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class ArrayReader(_ReaderBase):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from unshortcut import distributed
 from unshortcut.errors import UnshortcutError
 from unshortcut.rows import Batch, GroupedSplit
 
@@ -130,11 +131,16 @@ class TrainContext(Protocol):
 
 
 def backward_and_step(loss: torch.Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-    """Zero the gradients, one backward pass of ``loss``, one step of each optimizer."""
+    """Zero the gradients, one backward pass of ``loss``, one step of each optimizer.
+
+    Under data parallelism the model's gradients are averaged by its DDP wrapper during
+    backward, the rest (extra modules) here, before the step.
+    """
     optimizers = list(optimizers)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_unmanaged_gradients(optimizers)
     for optimizer in optimizers:
         optimizer.step()
 
@@ -225,8 +231,9 @@ class Method:
         return F.cross_entropy(model(batch.x), batch.y, reduction="none")
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar ``train_step`` backpropagates; default the mean row loss."""
-        return self.per_sample_loss(model, batch).mean()
+        """The scalar ``train_step`` backpropagates; default the mean row loss (over the
+        global batch when several ranks train: see ``distributed.global_mean``)."""
+        return distributed.global_mean(self.per_sample_loss(model, batch))
 
     def extra_modules(self) -> nn.Module | None:
         """Trainable modules besides the model (checkpointed with it)."""

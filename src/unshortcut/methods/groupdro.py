@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unshortcut import distributed
 from unshortcut.methods.base import HParam, Method, TrainContext
 from unshortcut.methods.registry import register
 from unshortcut.rows import Batch
@@ -44,17 +45,24 @@ class GroupDRO(Method):
         self.row_groups = torch.as_tensor(ctx.train.groups, dtype=torch.long)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-group mean losses of the (global) batch; q steps on them, the model on
+        sum_g q_g L_g. Under data parallelism the group sums and sizes are summed over
+        ranks first, so every rank takes the same q step and the averaged gradient is
+        the single-process one."""
         losses = self.per_sample_loss(model, batch)
         groups = self.row_groups[batch.index.cpu()].to(losses.device)
         n_groups = len(self.q)
         sums = torch.zeros(n_groups, device=losses.device).index_add(0, groups, losses)
-        sizes = torch.bincount(groups, minlength=n_groups).to(losses.dtype)
-        group_loss = sums / sizes.clamp(min=1)
+        sizes = distributed.all_reduce_sum(
+            torch.bincount(groups, minlength=n_groups).to(losses.dtype)
+        )
+        group_loss = distributed.all_reduce_sum(sums.detach().clone()) / sizes.clamp(min=1)
         seen = (sizes > 0).cpu()
-        step = float(self.hp["eta"]) * (group_loss.detach().cpu().double() + self.adjustment)
+        step = float(self.hp["eta"]) * (group_loss.cpu().double() + self.adjustment)
         self.q = torch.where(seen, self.q * torch.exp(step), self.q)
         self.q = self.q / self.q.sum()
-        return (self.q.to(losses.device, losses.dtype) * group_loss).sum()
+        weights = self.q.to(losses.device, losses.dtype) / sizes.clamp(min=1)
+        return (weights * sums).sum() * distributed.world()
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": self.q.clone()}

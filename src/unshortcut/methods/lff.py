@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from unshortcut import distributed
 from unshortcut.methods.base import HParam, Method, TrainContext
 from unshortcut.methods.registry import register
 from unshortcut.rows import Batch
@@ -83,14 +84,17 @@ class LfF(Method):
         logits_biased = self.extra_modules()(batch.x)
         ce_biased = F.cross_entropy(logits_biased, batch.y, reduction="none")
         rows = batch.index.cpu()
-        self.ema_biased.update(rows, ce_biased)
-        self.ema_debiased.update(rows, ce)
+        # Every rank updates the averages with every rank's rows, so they agree.
+        shares = distributed.gather_objects((rows, ce_biased.detach().cpu(), ce.detach().cpu()))
+        for share_rows, share_biased, share_debiased in shares:
+            self.ema_biased.update(share_rows, share_biased)
+            self.ema_debiased.update(share_rows, share_debiased)
         weights = relative_difficulty(
             self.ema_biased.normalised(rows), self.ema_debiased.normalised(rows)
         ).to(ce.device, ce.dtype)
         self.last_weights = weights
         gce = generalized_cross_entropy(logits_biased, batch.y, float(self.hp["q"]))
-        return gce.mean() + (weights * ce).mean()
+        return distributed.global_mean(gce) + distributed.global_mean(weights * ce)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unshortcut.distributed import global_mean
 from unshortcut.methods.base import Method, TrainContext
 from unshortcut.methods.registry import register
 from unshortcut.rows import Batch
@@ -40,4 +41,4 @@ class GroupReweight(Method):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         losses = self.per_sample_loss(model, batch)
-        return (self.row_weights[batch.index.cpu()].to(losses.device) * losses).mean()
+        return global_mean(self.row_weights[batch.index.cpu()].to(losses.device) * losses)

@@ -53,8 +53,11 @@ class Classifier(nn.Module):
         features = self.features(x)
         return ModelOutput(logits=self.head(features), features=features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outputs(x).logits
+    def forward(self, x: torch.Tensor, outputs: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits, or with ``outputs`` the whole :class:`ModelOutput` (the form a data-parallel
+        wrapper passes through: ``wrapped(x, outputs=True)``)."""
+        out = self.outputs(x)
+        return out if outputs else out.logits
 
     def last_layer(self) -> nn.Linear | None:
         """The linear layer that maps features to logits (DFR refits it), if there is one."""
@@ -65,7 +68,11 @@ def _builders() -> dict[str, BackboneBuilder]:
     # Imported lazily so that `import unshortcut.models` does not import MONAI.
     from unshortcut.models import monai_nets, small_cnn
 
-    return {"small_cnn": small_cnn.build, **monai_nets.BUILDERS}
+    return {
+        "small_cnn": small_cnn.build,
+        "small_cnn_gn": small_cnn.build_group_norm,
+        **monai_nets.BUILDERS,
+    }
 
 
 def model_names() -> list[str]:
@@ -91,7 +98,7 @@ def build_model(
         if name not in builders:
             known = ", ".join(sorted(builders))
             raise UnshortcutError(f"--model: unknown model {name!r} (known: {known}, timm:<name>)")
-        if pretrained and name == "small_cnn":
-            raise UnshortcutError("--model small_cnn: has no pretrained weights")
+        if pretrained and name.startswith("small_cnn"):
+            raise UnshortcutError(f"--model {name}: has no pretrained weights")
         backbone, dim = builders[name](in_channels, input_size, pretrained)
     return Classifier(backbone, dim, n_classes)
