@@ -538,3 +538,19 @@ def test_a_group_absent_from_the_test_split_is_named_on_the_console(
     result = cli("train", edited, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "warning: test: group tumor|tissue_ratio<0.5 has no samples" in result.output
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_folder_is_swapped_in_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    from unshortcut import atomic
+
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "set"
+    for version in ("old", "new"):
+        with atomic_directory(target, overwrite=True) as folder:
+            (folder / "version").write_text(version)
+    assert read(target / "version") == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
