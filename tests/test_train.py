@@ -486,3 +486,22 @@ def test_bf16_autocast_and_channels_last_train_when_asked(patches: Path, tmp_pat
     assert batch.x.is_contiguous(memory_format=torch.channels_last)
     raw = data.loaders["train"].read(np.arange(8))
     assert raw.x.dtype == torch.uint8  # what crosses to a GPU: 4x fewer bytes than float32
+
+
+def test_tensorboard_event_files_hold_the_loss_terms_and_validation(
+    patches: Path, tmp_path: Path
+) -> None:
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="TensorBoard logging is an optional extra (pip install 'unshortcut[tensorboard]')",
+    )
+    run = train(
+        _config(patches, tmp_path / "run", method="gerne", tensorboard=True), progress=False
+    )
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_biased", "train/lr", "val/worst_group_accuracy"} <= tags
+    history = [json.loads(line) for line in _read(run / "history.jsonl").splitlines()]
+    logged = [e.value for e in events.Scalars("train/loss_biased")]
+    assert logged == pytest.approx([h["train"]["loss_biased"] for h in history], rel=1e-6)

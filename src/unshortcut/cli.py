@@ -33,9 +33,10 @@ error_console = Console(stderr=True)
 
 
 def command(
-    name: str, on_interrupt: str | None = None
+    name: str, on_interrupt: str | None = None, group: typer.Typer | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command that never ends in a traceback for a user's or a machine's problem.
+    """Register a command (on ``group``, default the main app) that never ends in a
+    traceback for a user's or a machine's problem.
 
     An :class:`UnshortcutError` and an ``OSError`` (read-only folder, disk full, ...)
     become one ``error:`` line and exit 2; warnings the library raised (``warnings.warn``)
@@ -63,7 +64,7 @@ def command(
                 finally:
                     _flush_warnings(caught)
 
-        return app.command(name)(wrapper)
+        return (group or app).command(name)(wrapper)
 
     return decorate
 
@@ -328,6 +329,26 @@ def train_command(
     model: str | None = typer.Option(
         None, "--model", help="small_cnn, resnet18/34/50, or timm:<name> (default: small_cnn)."
     ),
+    pretrained: str | None = typer.Option(
+        None,
+        "--pretrained",
+        help="Start from pretrained weights: a checkpoint file (.pth/.safetensors, "
+        "torchvision- or timm-style ResNet state dict), a hub name (hf-hub:org/repo), or "
+        "imagenet (needs a reachable hub) (default: none).",
+    ),
+    hed_jitter: float | None = typer.Option(
+        None,
+        "--hed-jitter",
+        help="HED stain augmentation strength (scale and shift of each stain; 0.05 light, "
+        "0.2 strong); RGB brightfield (H&E) patch sets only (default: 0, off).",
+    ),
+    stain_normalization: str | None = typer.Option(
+        None,
+        "--stain-normalization",
+        help="none, macenko or reinhard: map every patch onto the training split's stain "
+        "(fitted on training patches, applied alike at validation, test, evaluate and "
+        "predict); RGB brightfield only (default: none).",
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 0.01)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
     hp: list[str] | None = typer.Option(
@@ -348,6 +369,9 @@ def train_command(
     ),
     channels_last: str | None = typer.Option(
         None, "--channels-last", help="auto, on or off (default: auto = on CUDA)."
+    ),
+    tensorboard: bool | None = typer.Option(
+        None, "--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard."
     ),
     resume: bool = typer.Option(
         False,
@@ -383,6 +407,9 @@ def train_command(
         seed=seed,
         epochs=epochs,
         model=model,
+        pretrained=pretrained,
+        hed_jitter=hed_jitter,
+        stain_normalization=stain_normalization,
         lr=lr,
         batch_size=batch_size,
         hp=parse_hp(hp) if hp else None,
@@ -390,6 +417,7 @@ def train_command(
         device=device,
         precision=precision,
         channels_last=channels_last,
+        tensorboard=tensorboard,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -720,3 +748,275 @@ def check_command(
     if not result.ok:
         raise typer.Exit(1)
     console.print(f"ok: {path} ({result.kind}) is intact", highlight=False)
+
+
+# --------------------------------------------------------------------------- generate (MeDi)
+
+generate_app = typer.Typer(
+    help="Conditional diffusion generator (MeDi): learn a patch set's training split, then "
+    "write a new patch set with generated patches for the groups training lacks.",
+    no_args_is_help=True,
+)
+app.add_typer(generate_app, name="generate")
+
+
+def _generate_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    return Progress(*columns, console=error_console)
+
+
+@command(
+    "train",
+    group=generate_app,
+    on_interrupt="every finished epoch of the generator is kept; the same command with "
+    "--resume continues from there",
+)
+def generate_train_command(
+    patches: Path = typer.Argument(..., help="Patch set whose real training patches to learn."),
+    out: Path = typer.Option(..., "--out", help="Generator run folder to write."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="cpu (narrow U-Net, minutes) or gpu (wide, hours) (default: cpu)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (preset default)."),
+    condition: list[str] | None = typer.Option(
+        None,
+        "--condition",
+        help="Column to condition on besides the label (repeatable; col:cat / col:num force the "
+        "kind) (default: tissue_ratio and every categorical metadata column).",
+    ),
+    with_mask: bool | None = typer.Option(
+        None, "--with-mask/--no-mask", help="Generate the tumor mask too (default: on)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file with any GeneratorConfig field; flags win over it."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of everything random (default 0)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
+    num_threads: int | None = typer.Option(None, "--num-threads", help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train a conditional diffusion model on the real training patches of PATCHES.
+
+    Conditioned on the label, the tissue ratio and categorical metadata (one embedding
+    each, summed into the time embedding), with condition dropout for guidance.
+    Checkpoints after every epoch; --resume continues a killed run exactly.
+    """
+    from contextlib import nullcontext
+
+    from unshortcut.generate import load_generator_config, train_generator
+
+    settings = load_generator_config(
+        config,
+        patches=patches,
+        out=out,
+        preset=preset,
+        epochs=epochs,
+        conditions=condition,
+        with_mask=with_mask,
+        seed=seed,
+        device=device,
+        num_threads=num_threads,
+    )
+    progress = nullcontext() if quiet else _generate_progress()
+    with progress as bar:
+        epochs_task = None if bar is None else bar.add_task("epochs", total=settings.epochs)
+        steps_task = None if bar is None else bar.add_task("steps", total=None)
+
+        def on_step(epoch: int, done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(steps_task, description=f"epoch {epoch}", completed=done, total=total)
+
+        def on_epoch_end(line: dict[str, Any]) -> None:
+            if bar is not None:
+                bar.update(epochs_task, completed=line["epoch"] + 1,
+                           description=f"epochs (loss {line['loss']:.4f})")  # fmt: skip
+
+        run = train_generator(
+            settings, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch_end=on_epoch_end
+        )
+    console.print(f"generator trained: {run}", soft_wrap=True, highlight=False)
+
+
+@command("sample", group=generate_app)
+def generate_sample_command(
+    run: Path = typer.Argument(..., help="Generator run folder (`unshortcut generate train`)."),
+    out: Path = typer.Option(..., "--out", help="New patch set to write (source + generated)."),
+    groups: list[str] | None = typer.Option(
+        None,
+        "--groups",
+        help="Group to generate for, named as `unshortcut train` prints it, e.g. "
+        "'tumor|tissue_ratio<0.5' (repeatable) (default: all groups).",
+    ),
+    count: int | None = typer.Option(None, "--count", help="Patches to generate per group."),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help="Instead of --count: largest (every group up to the largest), ratio:R (up to R x "
+        "the largest) or count:N (up to N rows).",
+    ),
+    attribute: list[str] | None = typer.Option(
+        None, "--attribute", help="Attribute(s) defining the groups, as in `unshortcut train`."
+    ),
+    tau: list[float] | None = typer.Option(None, "--tau", help="Threshold(s) (default 0.5)."),
+    patches: Path | None = typer.Option(
+        None, "--patches", help="Source patch set (default: the one the generator learned)."
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="DDIM steps (default: the run's)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Guidance scale: 0 unconditional, 1 conditional, >1 stronger."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the condition draws and the noise."),
+    patches_per_image: int = typer.Option(
+        64, "--patches-per-image", help="Generated patches per synthetic image id."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Sample patches for chosen groups and write them, with quality checks, as a new patch set.
+
+    The new set is the source set unchanged plus the generated rows (split train,
+    synthetic true); OUT/quality/ holds quality.json and a picture grid per group.
+    """
+    from contextlib import nullcontext
+
+    from rich.table import Table
+
+    from unshortcut.generate import augment_patch_set
+
+    progress = nullcontext() if quiet else _generate_progress()
+    with progress as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if bar is None:
+                return
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = augment_patch_set(
+            run,
+            out,
+            patches=patches,
+            count=count,
+            policy=balance,
+            groups=groups,
+            attributes=attribute or (),
+            taus=tau or (),
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance,
+            patches_per_image=patches_per_image,
+            device=device,
+            overwrite=overwrite,
+            on_progress=on_progress,
+        )
+    table = Table(title=f"generated patches ({result.patchset.path})")
+    for name in ("group", "generated", "judge agrees (real val)", "FID (real val)",
+                 "nearest train (real val)"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "group" else "right")
+
+    def pair(value: Any, reference: Any) -> str:
+        shown = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+        return f"{shown(value)} ({shown(reference)})"
+
+    for name, group in result.quality["groups"].items():
+        nearest = group["nearest_train_distance"]
+        table.add_row(
+            name,
+            str(group["n_generated"]),
+            pair(group["conditional_accuracy"]["all"], group["real_val_accuracy"]["all"]),
+            pair(group["fid"], group["fid_real_val_vs_train"]),
+            pair(nearest["generated"]["median"], (nearest["real_val"] or {}).get("median")),
+        )
+    console.print(table)
+    report = result.patchset.path / "quality" / "quality.json"
+    console.print(f"quality report: {report}", soft_wrap=True, highlight=False)
+
+
+@command("predict")
+def predict_command(
+    run: Path = typer.Argument(..., help="Run folder written by `unshortcut train`."),
+    images: list[Path] = typer.Argument(
+        ..., help="Images to score: any format patchify reads (tiled TIFF, OpenSlide, PNG, ...)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for one sub-folder per image."),
+    threshold: float = typer.Option(
+        0.5, "--threshold", help="Tumor probability from which a patch is called Tumor."
+    ),
+    shaky_below: float = typer.Option(
+        0.7,
+        "--shaky-below",
+        help="Patches whose worst group validation accuracy (any class, same attribute "
+        "bin) is below this are marked shaky.",
+    ),
+    metadata: Path | None = typer.Option(
+        None,
+        "--metadata",
+        help="CSV with image_id and the image-level attributes the run's groups use "
+        "(one row per image).",
+    ),
+    min_tissue: float | None = typer.Option(
+        None,
+        "--min-tissue",
+        help="Score patches with at least this tissue ratio (default: the run's patch set's).",
+    ),
+    criterion: str | None = typer.Option(
+        None, "--criterion", help="Which selected checkpoint (default: the run's primary)."
+    ),
+    csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Patches per inference batch."),
+    thumbnail_size: int = typer.Option(
+        2048, "--thumbnail-size", help="Longest side of overlay.png and shaky.png in pixels."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing image folders."),
+) -> None:
+    """Tumor heat maps of whole images: per-patch probabilities, QuPath GeoJSON, overlays.
+
+    Images are cut and their tissue detected as the run's patch set was; only tissue
+    patches are scored, with bounded memory. Every patch also carries its group and
+    that group's validation accuracy, shown as a second, shaky-ground layer.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from unshortcut.predict import PredictOptions, predict
+
+    options = PredictOptions(
+        threshold=threshold,
+        shaky_below=shaky_below,
+        csv=csv,
+        batch_size=batch_size,
+        thumbnail_side=thumbnail_size,
+        min_tissue=min_tissue,
+        criterion=criterion,
+        device=device,
+        metadata=metadata,
+        overwrite=overwrite,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=error_console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(image_id: str, stage: str, done: int, total: int) -> None:
+            key = f"{image_id} {stage}"
+            if key not in tasks:
+                tasks[key] = progress.add_task(key, total=total)
+            progress.update(tasks[key], completed=done, total=total)
+
+        results = predict(run, images, out, options, on_progress)
+    for result in results:
+        for problem in result.warnings:
+            error_console.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
+        console.print(
+            f"{result.image_id}: {result.scored} of {result.grid_patches} patches scored "
+            f"({result.patches_per_second:.0f}/s), {result.tumor} tumor, {result.shaky} on "
+            f"shaky ground -> {result.folder}",
+            highlight=False,
+        )

@@ -34,9 +34,16 @@ class TrainConfig(BaseModel):
         default_factory=list, description="thresholds of bare attribute names (default 0.5)"
     )
     model: str = "small_cnn"
-    pretrained: bool = False
+    pretrained: bool | str = Field(
+        False,
+        description="False, True (ImageNet weights from the hub), a checkpoint file or a hub name",
+    )
     normalize: bool = Field(True, description="per-channel mean/std of the training split")
     augment: bool = True
+    hed_jitter: float = Field(
+        0.0, ge=0, lt=1, description="HED stain jitter strength (scale and shift); 0 = off"
+    )
+    stain_normalization: Literal["none", "macenko", "reinhard"] = "none"
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -56,12 +63,29 @@ class TrainConfig(BaseModel):
         "auto", description="channels-last memory format for model and batches; auto: on CUDA"
     )
     prefetch: bool = True
+    tensorboard: bool = Field(False, description="also write TensorBoard event files")
 
     @field_validator("patches")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         """Stored resolved, so a run folder opens its patch set from any working directory."""
         return value.expanduser().resolve()
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, value: Any) -> Any:
+        """``imagenet``/``true`` mean True; a checkpoint file is stored resolved (like
+        ``patches``), so a run records which file it started from; hub names stay."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.lower() in ("", "false", "none"):
+            return False
+        if text.lower() in ("true", "imagenet"):
+            return True
+        from unshortcut.models.pretrained import is_checkpoint_file
+
+        return str(Path(text).expanduser().resolve()) if is_checkpoint_file(text) else text
 
     @field_validator("select_by")
     @classmethod
@@ -91,7 +115,7 @@ class TrainConfig(BaseModel):
 
 
 # Fields that may differ when resuming: they change where and how fast, not what.
-RESUME_FREE_FIELDS = frozenset({"device", "num_threads", "prefetch", "out"})
+RESUME_FREE_FIELDS = frozenset({"device", "num_threads", "prefetch", "out", "tensorboard"})
 #: Fields a resumed run may raise: more epochs extend it (docs/training.md, "Resume").
 RESUME_EXTENDABLE_FIELDS = frozenset({"epochs"})
 

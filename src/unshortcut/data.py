@@ -29,6 +29,7 @@ from unshortcut import distributed
 from unshortcut.errors import UnshortcutError
 from unshortcut.prefetch import prefetched
 from unshortcut.rows import Batch, GroupedSplit
+from unshortcut.stain import HedJitter, StainNormalizer
 
 # Rows per chunk when streaming statistics or predictions over a split.
 CHUNK_ROWS = 1024
@@ -36,25 +37,44 @@ CHUNK_ROWS = 1024
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel ``(x - mean) / std`` in the pixel store's units.
+    """What turns stored pixels into model input: an optional stain normalisation, then
+    per-channel ``(x - mean) / std``.
 
-    Computed on the training split only (never val/test) and stored in the run, so a
-    run scores any other patch set with the statistics it was trained with.
+    Both are fitted on the training split only (never val/test) and stored in the run,
+    so a run scores any other patch set exactly as it saw its own. The channel
+    statistics describe the stain-normalised pixels when there is a ``stain`` step.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    stain: StainNormalizer | None = None
 
     @classmethod
     def identity(cls, channels: int) -> Normalization:
         return cls((0.0,) * channels, (1.0,) * channels)
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": list(self.mean), "std": list(self.std)}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mean": list(self.mean), "std": list(self.std)}
+        if self.stain is not None:
+            data["stain"] = self.stain.to_dict()
+        return data
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 / std, -mean / std)`` as (1, C, 1, 1) float32 tensors: ``(x - mean) / std``
+        is then one fused ``torch.addcmul(bias, x, inv_std)``, the same arithmetic
+        wherever a run's input is prepared (batches, ``predict``)."""
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
+        inv_std = 1 / torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
+        return inv_std.float(), (-mean * inv_std).float()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalization:
-        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+        stain = data.get("stain")
+        return cls(
+            tuple(float(v) for v in data["mean"]),
+            tuple(float(v) for v in data["std"]),
+            None if stain is None else StainNormalizer.from_dict(stain, "run normalisation"),
+        )
 
 
 def channel_stats(pixels: np.ndarray, rows: np.ndarray, chunk: int = CHUNK_ROWS) -> Normalization:
@@ -101,12 +121,39 @@ class Augmentation:
     a per-channel intensity ``x * scale + shift`` with ``scale ~ U(1 - s, 1 + s)`` and
     ``shift ~ U(-t, t)`` in normalised units. Spatial transforms are applied to the
     tumor masks too, so masks stay aligned with their patches.
+
+    ``stain`` (HED jitter, RGB brightfield only) acts on raw pixels, before the
+    per-channel normalisation: :meth:`before_normalization`. It draws from the same
+    generator first, so a batch still depends only on the generator's state.
     """
 
     flips: bool = True
     rotations: bool = True
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
+    stain: HedJitter | None = None
+
+    @classmethod
+    def for_training(cls, augment: bool, hed_jitter: float) -> Augmentation | None:
+        """The training setting: ``augment`` turns on the geometric and intensity part,
+        ``hed_jitter > 0`` the HED jitter of that strength (scale and shift)."""
+        stain = HedJitter(hed_jitter, hed_jitter) if hed_jitter > 0 else None
+        if augment:
+            return cls(stain=stain)
+        if stain is not None:
+            return cls(False, False, 0.0, 0.0, stain)
+        return None
+
+    def before_normalization(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        rows: np.ndarray | None = None,
+        drawn: int | None = None,
+    ) -> torch.Tensor:
+        """The stain jitter of raw pixels (0..255); the identity without one. ``rows`` and
+        ``drawn`` as in ``__call__``."""
+        return x if self.stain is None else self.stain(x, generator, rows, drawn)
 
     def __call__(
         self,
@@ -168,7 +215,9 @@ class SplitData:
 
     ``rows`` are the split's pixel-store positions; ``split`` holds its labels,
     attribute bins and groups in the same order, so ``Batch.index`` are row numbers of
-    this split (what methods index their ``GroupedSplit`` arrays with).
+    this split (what methods index their ``GroupedSplit`` arrays with). ``stain``
+    normalises each batch's raw pixels first; it is None when ``pixels`` is already a
+    stain-normalised copy of the store.
 
     A batch is *read* (pixels in the store's own type, masks as uint8) and then
     *finished* (float, normalised, augmented). On a GPU the raw batch crosses to the
@@ -185,6 +234,7 @@ class SplitData:
         normalization: Normalization,
         device: torch.device,
         channels_last: bool = False,
+        stain: StainNormalizer | None = None,
     ) -> None:
         if len(rows) != len(split):
             raise ValueError(f"{len(rows)} pixel rows for a split of {len(split)} patches")
@@ -194,11 +244,8 @@ class SplitData:
         self.split = split
         self.device = device
         self.channels_last = channels_last
-        mean = torch.tensor(normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
-        inv_std = 1 / torch.tensor(normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
-        # (x - mean) / std as one fused x * inv_std + bias pass.
-        self._inv_std = inv_std.float()
-        self._bias = (-mean * inv_std).float()
+        self.stain = stain
+        self._inv_std, self._bias = normalization.affine()
         self._labels = torch.from_numpy(split.labels.astype(np.int64))
         self._attributes = torch.from_numpy(split.attributes.astype(np.int64))
         self._bins = torch.from_numpy(split.bins.astype(np.int64))
@@ -254,13 +301,18 @@ class SplitData:
         a larger batch, and the augmentation draws as for the larger batch.
         """
         device = batch.x.device
-        x = torch.addcmul(self._bias.to(device), batch.x.float(), self._inv_std.to(device))
-        mask = None if batch.mask is None else batch.mask.float().div_(255)
+        x = batch.x.float()
+        if self.stain is not None:
+            x = self.stain.as_stored(x)
+        rows, drawn = share if share is not None else (None, None)
         if augmentation is not None:
             if generator is None:
                 raise ValueError("augmentation needs a seeded generator")
-            rows, drawn = share if share is not None else (None, None)
-            x, mask = augmentation(x, mask, generator, rows, drawn)
+            x = augmentation.before_normalization(x, generator, rows, drawn)
+        x = torch.addcmul(self._bias.to(device), x, self._inv_std.to(device))
+        mask = None if batch.mask is None else batch.mask.float().div_(255)
+        if augmentation is not None:
+            x, mask = augmentation(x, mask, generator, rows, drawn)  # type: ignore[arg-type]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batch.x, batch.mask = x, mask

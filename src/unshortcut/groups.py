@@ -342,11 +342,14 @@ def fit_groups(
     *,
     label_column: str = "label",
     source: str = "patch set",
+    allow_empty: bool = False,
 ) -> GroupScheme:
     """Fit bins on the training rows and check that every group has training rows.
 
     ``train_table`` must hold the training split only: quantile edges and category
-    lists come from it. ``source`` names the data in error messages.
+    lists come from it. ``source`` names the data in error messages. ``allow_empty``
+    accepts groups without training rows (a generator fills exactly those); both
+    classes must still be present.
     """
     scheme = GroupScheme(
         attributes=tuple(_fit_attribute(train_table, spec, source) for spec in specs),
@@ -359,6 +362,8 @@ def fit_groups(
                 f"{source}: the training split has no {name} rows "
                 f"({label_column} = {label}); both classes are needed"
             )
+    if allow_empty:
+        return scheme
     n = np.bincount(scheme.group_index(train_table, source), minlength=scheme.n_groups)
     empty = [name for name, count in zip(scheme.group_names, n, strict=True) if count == 0]
     if empty:

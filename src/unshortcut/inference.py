@@ -29,6 +29,7 @@ from unshortcut.groups import GroupScheme, fit_groups, parse_attribute_specs
 from unshortcut.metrics import evaluate_predictions, robust_bins_per_class
 from unshortcut.models import ModelOutput
 from unshortcut.rows import GroupedSplit
+from unshortcut.stain import cached_normalized_store, check_brightfield, fit_on_patch_set
 from unshortcut.tiling.patchset import PatchSet
 
 SPLITS = ("train", "val", "test")
@@ -72,6 +73,9 @@ class RunData:
     loaders: dict[str, SplitData]
     channels_last: bool = False
     """Batches in channels-last memory format (what the run's model was set up for)."""
+    stained_pixels: np.ndarray | None = None
+    """A stain-normalised copy of the pixel store (training), read instead of the store;
+    None: the normalisation's stain step, if any, runs per batch."""
 
     @property
     def source(self) -> str:
@@ -99,14 +103,16 @@ class RunData:
                 stacklevel=2,
             )
         self.splits[split] = grouped
+        stored = self.stained_pixels is not None
         self.loaders[split] = SplitData(
-            self.patchset.pixels,
+            self.stained_pixels if stored else self.patchset.pixels,
             self.patchset.masks,
             self.patchset.rows(split),
             grouped,
             self.normalization,
             self.device,
             self.channels_last,
+            stain=None if stored else self.normalization.stain,
         )
 
 
@@ -118,6 +124,7 @@ def load_run_data(
     attributes: Sequence[str] | None = None,
     taus: Sequence[float] = (),
     normalize: bool = True,
+    stain_normalization: str = "none",
     scheme: GroupScheme | None = None,
     normalization: Normalization | None = None,
     robust_bins: list[list[int]] | None = None,
@@ -126,9 +133,11 @@ def load_run_data(
     """Open a patch set and prepare ``splits``.
 
     Training fits the group scheme (from ``attributes`` and ``taus``), the normalisation
-    and the robust-AUROC bins on the training split; scoring a finished run passes the
-    run's own ``scheme``, ``normalization`` and ``robust_bins``, so any patch set is
-    scored on the run's terms and its training split is never read.
+    (``stain_normalization`` "macenko"/"reinhard" first, then the channel statistics of
+    the stain-normalised pixels) and the robust-AUROC bins on the training split;
+    scoring a finished run passes the run's own ``scheme``, ``normalization`` and
+    ``robust_bins``, so any patch set is scored on the run's terms and its training
+    split is never read.
     """
     patchset = PatchSet.open(patches)
     data = RunData(
@@ -153,11 +162,7 @@ def load_run_data(
             specs = parse_attribute_specs(list(attributes or ()), list(taus))
             data.scheme = fit_groups(train, specs, source=train_source)
         if normalization is None:
-            data.normalization = (
-                channel_stats(patchset.pixels, patchset.rows("train"))
-                if normalize
-                else Normalization.identity(patchset.channels)
-            )
+            data.normalization = _fit_normalization(data, normalize, stain_normalization)
         if robust_bins is None:
             data.robust_bins = robust_bins_per_class(
                 data.scheme.labels(train, train_source),
@@ -165,9 +170,34 @@ def load_run_data(
                 data.scheme.n_classes,
                 data.scheme.n_attributes,
             )
+    if data.normalization.stain is not None:
+        check_brightfield(patchset.manifest, data.source)
     for split in splits:
         data.load(split)
     return data
+
+
+def _fit_normalization(data: RunData, normalize: bool, stain_method: str) -> Normalization:
+    """Stain target and channel statistics of the training split, as the model sees it.
+
+    The stain target is fitted on reference patches drawn with a fixed seed, so every
+    run on a patch set shares one target and one cached normalised copy of the store:
+    normalising costs far more than a training step, so it is done once, not per batch
+    and epoch. The channel statistics are those of the normalised training pixels.
+    """
+    patchset = data.patchset
+    stain = None
+    if stain_method != "none":
+        stain = fit_on_patch_set(
+            patchset.pixels, patchset.table, patchset.manifest, stain_method, data.source
+        )
+        data.stained_pixels = cached_normalized_store(stain, patchset.pixels, patchset.path)
+    if not normalize:
+        identity = Normalization.identity(patchset.channels)
+        return Normalization(identity.mean, identity.std, stain)
+    pixels = patchset.pixels if data.stained_pixels is None else data.stained_pixels
+    stats = channel_stats(pixels, patchset.rows("train"))
+    return Normalization(stats.mean, stats.std, stain)
 
 
 @torch.no_grad()
@@ -257,7 +287,32 @@ def score_split(
         seed=seed,
     )
     metrics["loss"] = float(row_losses(log_probs, grouped.labels).mean())
+    one_class = one_class_warning(grouped.labels, np.exp(log_probs[:, 1]), data.scheme.class_names)
+    if one_class is not None:
+        metrics["warnings"] = [*metrics.get("warnings", []), one_class]
     return metrics
+
+
+def one_class_warning(
+    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]
+) -> str | None:
+    """Say so when every patch of a split with both classes gets the same prediction.
+
+    That is what plain ERM does on tumor-poor sets (balanced accuracy 50%, worst-group
+    accuracy 0%): the majority class everywhere. The numbers alone look like a bad
+    model; the warning names the cause and the options that address it.
+    """
+    predicted = np.unique(scores >= THRESHOLD)
+    if len(predicted) != 1 or len(np.unique(labels)) < 2:
+        return None
+    name = class_names[int(predicted[0])]
+    tumor_share = float(np.mean(labels == 1))
+    return (
+        f"the model predicts {name} for every patch ({tumor_share:.1%} of them are tumor), "
+        "so balanced accuracy is 50% and worst-group accuracy 0%. On tumor-poor data this "
+        "is class imbalance; class-balanced batches address it (--method cb_erm, or "
+        "resample/reweight/groupdro for groups too): see docs/training.md#class-imbalance"
+    )
 
 
 def predictions_table(

@@ -389,12 +389,14 @@ def resolved_config(
     channels: int,
     input_size: int,
 ) -> dict[str, Any]:
-    """config.json: the config plus everything derived from the training data."""
+    """config.json: the config plus everything derived from the training data, and the
+    digest of a ``pretrained`` checkpoint file (which file the run started from)."""
     return jsonable(
         {
             "format": RUN_FORMAT,
             "format_version": FORMAT_VERSION,
             **config.to_json_dict(),
+            **_pretrained_digest(config.pretrained),
             "hp": dict(hp),
             "groups": scheme.to_dict(),
             "normalization": normalization.to_dict(),
@@ -403,6 +405,15 @@ def resolved_config(
             "unshortcut_version": __version__,
         }
     )
+
+
+def _pretrained_digest(pretrained: bool | str) -> dict[str, str]:
+    """``{"pretrained_sha256": ...}`` for a checkpoint file, else nothing (hub names,
+    True/False). Only recorded: loading a finished run never reads the file again."""
+    if isinstance(pretrained, str) and Path(pretrained).is_file():
+        with open(pretrained, "rb") as handle:
+            return {"pretrained_sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+    return {}
 
 
 @dataclass

@@ -32,6 +32,7 @@ Stain normalisation (:class:`StainNormalizer`, preprocessing)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
@@ -137,13 +138,25 @@ class HedJitter:
                 f"HED jitter: needs 0 <= scale < 1 and shift >= 0 (got {self.scale}, {self.shift})"
             )
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n = x.shape[0]
+    def __call__(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        rows: np.ndarray | None = None,
+        drawn: int | None = None,
+    ) -> torch.Tensor:
+        """Jitter ``x``; the random numbers are drawn for ``drawn`` patches (default
+        ``len(x)``) and those at ``rows`` used, so a rank's share of a batch gets exactly
+        what the same patches get in one process."""
+        n = x.shape[0] if drawn is None else drawn
         scale = 1 + self.scale * (
             2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1
         )
         shift = self.shift * (2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1)
-        return jitter_hed(x, scale, shift)
+        if rows is not None:
+            pick = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            scale, shift = scale[pick], shift[pick]
+        return jitter_hed(x, scale.to(x.device), shift.to(x.device))
 
 
 # ----------------------------------------------------------------- stain normalisation
@@ -202,8 +215,18 @@ class StainNormalizer(ABC):
                 out[i] = result
         return out
 
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised and rounded to 8-bit levels: the values :func:`normalize_store`
+        writes, so a batch normalised on the fly equals the same rows of a stored copy."""
+        return self(x).round_().clamp_(0, RGB_MAX)
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
+
+    def key(self) -> str:
+        """A short digest of the fitted target: names the cached copy of a store."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @staticmethod
     def from_dict(data: Mapping[str, Any], source: str = "stain normaliser") -> StainNormalizer:
@@ -388,7 +411,37 @@ def normalize_store(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=pixels.shape)
         for start in range(0, len(pixels), chunk):
             block = torch.from_numpy(np.array(pixels[start : start + chunk]))  # a writable copy
-            normalized = normalizer(block).round_().clamp_(0, RGB_MAX)
-            out[start : start + chunk] = normalized.to(torch.uint8).numpy()
+            out[start : start + chunk] = normalizer.as_stored(block).to(torch.uint8).numpy()
         out.flush()
         del out
+
+
+#: Folder of a patch set that holds its stain-normalised copies.
+STAIN_CACHE = "stain-cache"
+
+
+def cached_normalized_store(
+    normalizer: StainNormalizer, pixels: np.ndarray, patch_set: Path
+) -> np.ndarray:
+    """A read-only memory map of the whole store normalised once.
+
+    The copy lives in ``PATCHES/stain-cache/<method>-<digest>.npy``, named by the
+    fitted target, so every run with that target (seeds, methods of a sweep) reuses
+    it; replacing the patch set (``patchify --overwrite``) replaces the folder and the
+    copies with it. Written atomically: a killed run leaves no partial copy. A patch
+    set folder that cannot be written to is a user error.
+    """
+    path = Path(patch_set) / STAIN_CACHE / f"{normalizer.method}-{normalizer.key()}.npy"
+    if not path.is_file():
+        try:
+            path.parent.mkdir(exist_ok=True)
+            normalize_store(normalizer, pixels, path)
+        except OSError as error:
+            raise UnshortcutError(
+                f"{path}: cannot write the stain-normalised copy of the pixel store ({error}); "
+                "stain normalisation needs a writable patch set folder"
+            ) from None
+    stored = np.load(path, mmap_mode="r")
+    if stored.shape != pixels.shape or stored.dtype != np.uint8:
+        raise UnshortcutError(f"{path}: a stain-normalised copy of another store; delete it")
+    return stored

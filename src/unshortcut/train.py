@@ -43,6 +43,7 @@ from unshortcut.atomic import (
 from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData, augmentation_generator
 from unshortcut.errors import UnshortcutError
+from unshortcut.event_log import EventLog
 from unshortcut.inference import (
     RunData,
     features,
@@ -72,6 +73,7 @@ from unshortcut.runs import (
     write_history,
     write_json,
 )
+from unshortcut.stain import check_brightfield
 
 # Separate random streams (the third seed word) so that nothing shares draws.
 _MAIN, _AUX, _INIT, _FINALIZE = 0, 1, 2, 3
@@ -237,7 +239,9 @@ class LoopContext:
         self.seed = config.seed
         self.device = device
         self.pretrained = bool(config.pretrained)
-        self.augmentation = Augmentation() if config.augment else None
+        if config.hed_jitter > 0:
+            check_brightfield(data.patchset.manifest, f"{data.source} (--hed-jitter)")
+        self.augmentation = Augmentation.for_training(config.augment, config.hed_jitter)
         self._models = 0
         self._auxiliaries = 0
         # Validation rows scored for selection and metrics: all of them, unless the
@@ -450,6 +454,7 @@ def training_data(
         taus=config.taus,
         normalize=config.normalize,
         channels_last=config.uses_channels_last(device.type),
+        stain_normalization=config.stain_normalization,
     )
 
 
@@ -591,12 +596,14 @@ def _run_main_epochs(
     on_epoch_end: Callable[[int], None] | None,
 ) -> None:
     config = ctx.config
-    with _Progress(progress) as bar:
+    events = EventLog(run / "tensorboard", config.tensorboard and distributed.is_main())
+    with _Progress(progress) as bar, events:
         epochs_task = bar.task("epochs", config.epochs, completed=state.start)
         steps_task = [bar.task(f"epoch {state.start}", method.steps_per_epoch())]
 
         def after_epoch(end: EpochEnd) -> None:
             val = ctx.validation_metrics(model)
+            events.epoch(end.epoch, end.terms, end.lr, val)
             line: dict[str, Any] = {
                 "epoch": end.epoch,
                 "train_loss": end.terms["loss"],

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -485,6 +485,74 @@ def _check_pixel_types(sources: list[_Source]) -> None:
     )
 
 
+@dataclass
+class ImagePass:
+    """One image's decode pass: every grid patch written in grid order, and per grid
+    position (row-major) its level-0 corner, tumor fraction and tissue ratio."""
+
+    ys: np.ndarray
+    xs: np.ndarray
+    tumor_fraction: np.ndarray
+    tissue_ratio: np.ndarray
+    tissue: TissueMask
+    tissue_source: str
+    thumbnail: np.ndarray | None
+    """The block-mean thumbnail built during the pass (None when tissue came from
+    elsewhere: a tissue/ mask, a label map, a pyramid level)."""
+    thumbnail_downsample: int
+
+
+def pass_image(
+    entry: ImageEntry,
+    reader: Any,
+    mask: Any,
+    grid: Grid,
+    downsample: int,
+    config: PatchifyConfig,
+    pixel_out: BinaryIO,
+    mask_out: BinaryIO,
+    on_band: Callable[[], None] = _nothing,
+) -> ImagePass:
+    """Decode ``reader`` once, write its grid patches and masks, and measure tissue.
+
+    Shared by ``patchify`` and ``predict``, so both cut, shrink and measure tissue
+    identically. ``grid`` is at ``config.level``; ``downsample`` is its level-0 pixels
+    per level pixel.
+    """
+    shape = reader.level_shape(0)
+    tissue, tissue_source = _precomputed_tissue(entry, shape, grid, downsample, reader, config)
+    tiled = tile_image(
+        reader,
+        mask,
+        grid,
+        config.level,
+        downsample,
+        config.input_size,
+        pixel_out,
+        mask_out,
+        want_thumbnail=tissue is None,
+        on_band=on_band,
+    )
+    if tissue is None:
+        tissue = _detect_tissue(tiled.thumbnail, tiled.thumbnail_downsample, config)
+        tissue_source = (
+            f"detected ({config.tissue_method}) on a 1/{tiled.thumbnail_downsample} thumbnail"
+        )
+    ys, xs = (a.reshape(-1) * downsample for a in np.meshgrid(grid.ys, grid.xs, indexing="ij"))
+    size = grid.size * downsample
+    tissue_ratio = np.clip(np.asarray(tissue.fractions(ys, xs, size), float), 0, 1)
+    return ImagePass(
+        ys,
+        xs,
+        tiled.tumor_fraction,
+        tissue_ratio,
+        tissue,
+        tissue_source,
+        tiled.thumbnail,
+        tiled.thumbnail_downsample,
+    )
+
+
 def _tile_one(
     source: _Source,
     reader: Any,
@@ -497,28 +565,13 @@ def _tile_one(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One image: decode pass, tissue ratios, --min-tissue, compaction, table rows."""
     grid, ds = source.grid, source.downsample
-    tissue, tissue_source = _precomputed_tissue(source, reader, config)
     pixel_tmp, mask_tmp = work / "pixels.raw", work / "masks.raw"
     with open(pixel_tmp, "wb") as pixel_out, open(mask_tmp, "wb") as mask_out:
-        tiled = tile_image(
-            reader,
-            mask,
-            grid,
-            config.level,
-            ds,
-            config.input_size,
-            pixel_out,
-            mask_out,
-            want_thumbnail=tissue is None,
-            on_band=on_band,
+        measured = pass_image(
+            source.entry, reader, mask, grid, ds, config, pixel_out, mask_out, on_band
         )
-    if tissue is None:
-        tissue = _detect_tissue(tiled.thumbnail, tiled.thumbnail_downsample, config)
-        tissue_source = (
-            f"detected ({config.tissue_method}) on a 1/{tiled.thumbnail_downsample} thumbnail"
-        )
-    ys, xs = (a.reshape(-1) * ds for a in np.meshgrid(grid.ys, grid.xs, indexing="ij"))
-    tissue_ratio = np.clip(np.asarray(tissue.fractions(ys, xs, grid.size * ds), float), 0, 1)
+    ys, xs, tissue = measured.ys, measured.xs, measured.tissue
+    tissue_ratio, tissue_source = measured.tissue_ratio, measured.tissue_source
     keep = tissue_ratio >= config.min_tissue
     bad = _compact(pixel_tmp, pixels, keep)
     if bad is not None:
@@ -527,7 +580,7 @@ def _tile_one(
             f"x={xs[bad]}, y={ys[bad]}); replace them (with 0, say) before patchify"
         )
     _compact(mask_tmp, masks, keep)
-    labels = labels_from_fractions(tiled.tumor_fraction, config.min_tumor_fraction)
+    labels = labels_from_fractions(measured.tumor_fraction, config.min_tumor_fraction)
     frame = pd.DataFrame(
         {
             "patch_id": [
@@ -538,7 +591,7 @@ def _tile_one(
             "y": ys[keep],
             "size": grid.size * ds,
             "level": config.level,
-            "tumor_fraction": tiled.tumor_fraction[keep],
+            "tumor_fraction": measured.tumor_fraction[keep],
             "tissue_ratio": tissue_ratio[keep],
             "label": labels[keep],
             "synthetic": False,
@@ -563,7 +616,12 @@ def _tile_one(
 
 
 def _precomputed_tissue(
-    source: _Source, reader: Any, config: PatchifyConfig
+    entry: ImageEntry,
+    shape: tuple[int, int],
+    grid: Grid,
+    ds: int,
+    reader: Any,
+    config: PatchifyConfig,
 ) -> tuple[TissueMask | None, str]:
     """A tissue mask that needs no pass over full-resolution pixels, when one exists.
 
@@ -574,14 +632,13 @@ def _precomputed_tissue(
     """
     from unshortcut.tiling.tissue import thumbnail_of, tissue_from_mask_file
 
-    grid, ds, entry = source.grid, source.downsample, source.entry
     resolution = ds * thumbnail_factor(grid.size, grid.stride, grid.height, grid.width)
     if entry.tissue is not None:
-        tissue = tissue_from_mask_file(entry.tissue, source.shape, resolution)
+        tissue = tissue_from_mask_file(entry.tissue, shape, resolution)
         return tissue, f"mask file {entry.tissue.name}"
     if config.tissue_values is not None and entry.mask is not None:
         values, tumor = config.tissue_values, config.tumor_values or ()
-        tissue = tissue_from_mask_file(entry.mask, source.shape, resolution, values, tumor)
+        tissue = tissue_from_mask_file(entry.mask, shape, resolution, values, tumor)
         return tissue, f"label map {entry.mask.name}, values {', '.join(map(str, values))}"
     smallest = min(max(reader.level_shape(level)) for level in range(reader.level_count))
     if reader.level_count > 1 and smallest <= PYRAMID_THUMBNAIL_SIDE:
