@@ -29,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 from reliability_helpers import CLI, cli_env
-from unshortcut.atomic import leftovers
+from unshortcut.atomic import leftovers, temporary_name
 from unshortcut.errors import UnshortcutError
+from unshortcut.generate import load_generator
 from unshortcut.runs import open_run, verify_run
 from unshortcut.sealed import read_sealed
 from unshortcut.tiling.patchset import PatchSet
@@ -292,6 +295,50 @@ def read_sweep(out: Path) -> str:
     return COMPLETE
 
 
+def read_generator_run(path: Path) -> str:
+    """A generator run is absent (no config.json), unfinished (no generator.pt; any
+    checkpoint loads) or complete (the generator loads)."""
+    if not (path / "config.json").is_file():
+        return ABSENT
+    checkpoint = path / "checkpoints" / "last.pt"
+    try:
+        if checkpoint.is_file():
+            torch.load(checkpoint, weights_only=False)
+        if not (path / "generator.pt").is_file():
+            return UNFINISHED
+        load_generator(path, "cpu")
+    except (FileNotFoundError, UnshortcutError):
+        # generator.pt is removed when a resumed run trains on: read again
+        if not (path / "generator.pt").is_file():
+            return UNFINISHED
+        raise
+    return COMPLETE
+
+
+#: What every ``unshortcut predict`` image folder holds (a run without a pixel decoder).
+PREDICTION_FILES = [
+    "predictions.parquet",
+    "predictions.geojson",
+    "tumor.geojson",
+    "overlay.png",
+    "shaky.png",
+]
+
+
+def read_predictions(out: Path, images: int) -> str:
+    """Each image folder of ``unshortcut predict`` is absent or complete (all files, a
+    readable table, empty for an image without tissue); COMPLETE once all ``images``
+    are there."""
+    folders = finished_folders(out)
+    for folder in folders:
+        missing = [n for n in PREDICTION_FILES if not (folder / n).is_file()]
+        assert not missing, f"half-written {folder}: {missing} missing"
+        pd.read_parquet(folder / "predictions.parquet")  # a half-written one fails
+    if not folders:
+        return ABSENT
+    return COMPLETE if len(folders) == images else UNFINISHED
+
+
 def files(root: Path, names: list[str]) -> dict[str, bytes]:
     """The bytes of ``names`` under ``root`` (missing files left out)."""
     return {n: (root / n).read_bytes() for n in names if (root / n).is_file()}
@@ -316,6 +363,23 @@ def epochs_done(run: Path) -> int:
         if history.is_file():
             return len(history.read_text().splitlines())
     return 0
+
+
+def finished_folders(out: Path) -> list[Path]:
+    """Folders in ``out`` that are no one's temporary (hidden names are)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def atomic_write_done(target: Path) -> int:
+    """0 before a folder written at once (:func:`unshortcut.atomic.atomic_directory`) is
+    begun, 1 while a live process builds it, 2 once it is in place."""
+    if target.exists():
+        return 2
+    prefix = temporary_name(target).split(".tmp-")[0] + ".tmp-"
+    building = [p for p in target.parent.glob(f"{prefix}*") if p not in leftovers(target.parent)]
+    return 1 if building else 0
 
 
 def runs_done(sweep: Path) -> int:

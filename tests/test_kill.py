@@ -1,9 +1,9 @@
-"""Kill -9 at random (seeded) moments during patchify, train, an overwrite, an extension
-and a sweep; the rerun (or ``--resume``) ends with the bytes of an uninterrupted run, and
-a reader polling the output meanwhile never finds a half-written one.
+"""Kill -9 at random (seeded) moments during patchify, train, an overwrite, an extension,
+a sweep, ``generate train``, ``generate sample`` and ``predict``; the rerun (or
+``--resume``) ends with the bytes of an uninterrupted run, and a reader polling the
+output meanwhile never finds a half-written one.
 
-Every registered method is killed once; ``generate`` and ``predict`` join as one more
-Scenario each (tests/kill_harness.py). bench/reliability.py runs many more kills.
+Every registered method is killed once. bench/reliability.py runs many more kills.
 """
 
 from __future__ import annotations
@@ -22,16 +22,25 @@ from kill_harness import (
     epochs_done,
     files,
     parts_done,
+    PREDICTION_FILES,
+    atomic_write_done,
+    finished_folders,
+    read_generator_run,
     read_patch_set,
+    read_predictions,
     read_run,
     read_sweep,
     runs_done,
 )
 from reliability_helpers import copy_folder
 from test_data import write_toy_patch_set
+from test_generate_e2e import write_generator_toy
 from unshortcut.config import TrainConfig
+from unshortcut.generate import GeneratorConfig, train_generator
+from unshortcut.runs import content_digest
 from unshortcut.methods import method_names
 from unshortcut.synth import generate_dataset, make_config
+from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.train import train
 
 pytestmark = [pytest.mark.kill, pytest.mark.slow]
@@ -192,6 +201,121 @@ def sweep_scenario(patches: Path) -> Scenario:
     )
 
 
+#: A generator small enough to train in seconds (tests/test_generate_e2e.py's TINY).
+GENERATOR = {
+    "widths": [16, 32],
+    "attention": [False, False],
+    "head_channels": 16,
+    "batch_size": 16,
+    "sample_steps": 2,
+    "quality_epochs": 1,
+    "num_threads": 1,
+    "device": "cpu",
+}
+GENERATOR_TOML = (
+    'widths = [16, 32]\nattention = [false, false]\nhead_channels = 16\nbatch_size = 16\n'
+    "sample_steps = 2\nquality_epochs = 1\nnum_threads = 1\n"
+)
+
+
+def _without_seconds(obj: object) -> object:
+    """``obj`` without its ``seconds`` entries (wall-clock times differ between runs)."""
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_seconds(v) for v in obj]
+    return obj
+
+
+def generator_outputs(run: Path) -> dict[str, bytes]:
+    """A generator run's config, history and checkpoints by content, times left out."""
+    found = files(run, ["config.json"])
+    history = (run / "history.jsonl").read_text().splitlines() if run.is_dir() else []
+    found["history.jsonl"] = json.dumps([_without_seconds(json.loads(h)) for h in history]).encode()
+    for name in ("checkpoints/last.pt", "generator.pt"):
+        if (run / name).is_file():
+            state = torch.load(run / name, weights_only=False)
+            found[f"{name} (content)"] = content_digest(_without_seconds(state)).encode()
+    return found
+
+
+def generate_train_scenario(patches: Path, epochs: int = 3) -> Scenario:
+    command = ["generate", "train", str(patches), "--out", "gen", "--epochs", str(epochs),
+               "--config", "gen.toml", "--quiet"]  # fmt: skip
+
+    def rerun(ws: Path) -> list[str]:
+        """Resume once the run has its config.json; before that, start again."""
+        return [*command, "--resume"] if (ws / "gen" / "config.json").is_file() else command
+
+    def epochs_done(ws: Path) -> int:
+        history = ws / "gen" / "history.jsonl"
+        return len(history.read_text().splitlines()) if history.is_file() else 0
+
+    return Scenario(
+        name="generate train",
+        prepare=lambda ws: (ws / "gen.toml").write_text(GENERATOR_TOML) and None,
+        command=command,
+        rerun=rerun,
+        outputs=lambda ws: generator_outputs(ws / "gen"),
+        progress=epochs_done,
+        read=lambda ws: read_generator_run(ws / "gen"),
+        watched=(".", "gen", "gen/checkpoints"),
+    )
+
+
+def _workspace_free(data: bytes, ws: Path) -> bytes:
+    """File bytes with the workspace's path (which differs between runs) replaced."""
+    return data.replace(str(ws.resolve()).encode(), b"WS").replace(str(ws).encode(), b"WS")
+
+
+def generate_sample_scenario(generator: Path) -> Scenario:
+    """A new patch set from a finished generator: absent, or complete with its quality
+    report. Rerun after a kill: the same command, or ``check`` once it is in place."""
+    command = ["generate", "sample", str(generator), "--out", "sample", "--count", "6",
+               "--device", "cpu", "--quiet"]  # fmt: skip
+
+    def outputs(ws: Path) -> dict[str, bytes]:
+        found = files(ws / "sample", [*PATCH_SET, "quality/quality.json"])
+        return {k: _workspace_free(v, ws) for k, v in found.items()}
+
+    return Scenario(
+        name="generate sample",
+        prepare=lambda ws: None,
+        command=command,
+        rerun=lambda ws: ["check", "sample"] if (ws / "sample").exists() else command,
+        outputs=outputs,
+        progress=lambda ws: atomic_write_done(ws / "sample"),
+        read=lambda ws: read_patch_set(ws / "sample"),
+        allowed=frozenset({"absent", COMPLETE}),
+        watched=(".",),
+    )
+
+
+def predict_scenario(run: Path, images: list[Path]) -> Scenario:
+    """One folder per image, each written whole; after a kill the user reruns the
+    command, with --overwrite once some folders are there."""
+    command = ["predict", str(run), *map(str, images), "--out", "pred", "--device", "cpu",
+               "--thumbnail-size", "128"]  # fmt: skip
+
+    def outputs(ws: Path) -> dict[str, bytes]:
+        found = {}
+        for folder in finished_folders(ws / "pred"):
+            for name, data in files(folder, PREDICTION_FILES).items():
+                found[f"{folder.name}/{name}"] = data
+        return found
+
+    return Scenario(
+        name="predict",
+        prepare=lambda ws: None,
+        command=command,
+        rerun=lambda ws: [*command, "--overwrite"] if finished_folders(ws / "pred") else command,
+        outputs=outputs,
+        progress=lambda ws: len(finished_folders(ws / "pred")),
+        read=lambda ws: read_predictions(ws / "pred", len(images)),
+        watched=(".", "pred"),
+    )
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
@@ -210,6 +334,28 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         done[name] = train(config, progress=False)
     return {"data": root / "data", "patches": patches, **done}
+
+
+@pytest.fixture(scope="module")
+def generator_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A generator's patch set and a finished generator run on it."""
+    root = tmp_path_factory.mktemp("generator")
+    patches = write_generator_toy(root / "patches")
+    config = GeneratorConfig(patches=patches, out=root / "gen", epochs=1, **GENERATOR)
+    return {"patches": patches, "generator": train_generator(config)}
+
+
+@pytest.fixture(scope="module")
+def predict_inputs(
+    inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """A run trained on patchify's cut of the synthetic images (predict cuts as it did)."""
+    root = tmp_path_factory.mktemp("predict")
+    patches = patchify(inputs["data"], root / "patches", PatchifyConfig(patch_size=32,
+                                                                        input_size=8))  # fmt: skip
+    config = TrainConfig(patches=patches.path, out=root / "run", epochs=1, batch_size=32,
+                         lr=0.02, device="cpu", num_threads=1, bootstrap=0)  # fmt: skip
+    return {"run": train(config, progress=False), "images": inputs["data"] / "images"}
 
 
 def _check(outcome: Outcome) -> None:
@@ -245,3 +391,24 @@ def test_killed_sweep_continues_to_the_same_results(
     inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     _check(campaign(sweep_scenario(inputs["patches"]), tmp_path, kills=2, seed=11))
+
+
+def test_killed_generator_training_resumes_to_the_same_weights(
+    generator_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    scenario = generate_train_scenario(generator_inputs["patches"])
+    _check(campaign(scenario, tmp_path, kills=2, seed=13))
+
+
+def test_killed_sampling_leaves_no_half_written_patch_set(
+    generator_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    scenario = generate_sample_scenario(generator_inputs["generator"])
+    _check(campaign(scenario, tmp_path, kills=2, seed=17))
+
+
+def test_killed_predict_leaves_only_whole_image_folders(
+    predict_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    images = sorted(predict_inputs["images"].glob("*.tif"))
+    _check(campaign(predict_scenario(predict_inputs["run"], images), tmp_path, kills=2, seed=19))
