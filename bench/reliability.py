@@ -10,11 +10,14 @@ with the same harness:
   run's, no reader saw a half-written patch set or run, no leftovers. For patchify (one
   and two workers), training with every registered method, ``--overwrite`` and
   ``--epochs`` extension of a finished run (readers must see a finished run throughout),
-  and a sweep.
+  a sweep, ``generate train`` (resumed: the same weights), ``generate sample`` and
+  ``predict`` (each image folder whole or absent).
 - **disk full**: a small tmpfs (needs root; skipped otherwise) sized to run out part way;
   the command must stop with one ``error:`` line; after the disk is enlarged the same
   command (or ``--resume``) must end with the bytes of an unhindered run.
-- **read-only**: every command that writes, into a folder it may not write to: one line.
+- **read-only**: every command that writes (patchify, train, audit, synth, report,
+  sweep, predict, generate train and sample), into a folder it may not write to: one
+  ``error:`` line, exit 2, nothing written.
 - **damage and hostile input**: tests/test_fuzz.py under the hypothesis profile "bench"
   (``--examples`` per test); every example must end in a clean error or a detection.
 
@@ -46,13 +49,21 @@ from rich.table import Table
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from kill_harness import Scenario, campaign, files, run_cli  # noqa: E402
+from kill_harness import PREDICTION_FILES, Scenario, campaign, files, run_cli  # noqa: E402
 from reliability_helpers import read_only  # noqa: E402
 from test_data import write_toy_patch_set  # noqa: E402
+from test_generate_e2e import write_generator_toy  # noqa: E402
 from test_kill import (  # noqa: E402
+    GENERATOR,
+    GENERATOR_TOML,
     PATCH_SET,
     TRAIN,
+    finished_folders,
+    generate_sample_scenario,
+    generate_train_scenario,
+    generator_outputs,
     patchify_scenario,
+    predict_scenario,
     replace_scenario,
     run_outputs,
     sweep_scenario,
@@ -61,8 +72,10 @@ from test_kill import (  # noqa: E402
 )
 from unshortcut.atomic import atomic_write_text  # noqa: E402
 from unshortcut.config import TrainConfig  # noqa: E402
+from unshortcut.generate import GeneratorConfig, train_generator  # noqa: E402
 from unshortcut.methods import method_names  # noqa: E402
 from unshortcut.synth import generate_dataset, make_config  # noqa: E402
+from unshortcut.tiling.patchify import PatchifyConfig, patchify  # noqa: E402
 from unshortcut.train import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reliability.json"
@@ -82,7 +95,26 @@ def inputs(root: Path) -> dict[str, Path]:
         config = TrainConfig(patches=patches, out=root / name, epochs=epochs, batch_size=32,
                              lr=0.02, device="cpu", num_threads=1)  # fmt: skip
         made[name] = train(config, progress=False)
+    # predict needs a run on a patchify cut (it cuts images the same way)
+    cut = patchify(root / "data", root / "cut", PatchifyConfig(patch_size=32, input_size=8))
+    config = TrainConfig(patches=cut.path, out=root / "cut-run", epochs=1, batch_size=32,
+                         lr=0.02, device="cpu", num_threads=1, bootstrap=0)  # fmt: skip
+    made["predict_run"] = train(config, progress=False)
+    made["generator_patches"] = write_generator_toy(root / "generator-patches")
+    config = GeneratorConfig(patches=made["generator_patches"], out=root / "generator",
+                             epochs=1, **GENERATOR)  # fmt: skip
+    made["generator"] = train_generator(config)
     return {"data": root / "data", "patches": patches, **made}
+
+
+def images(given: dict[str, Path]) -> list[Path]:
+    return sorted((given["data"] / "images").glob("*.tif"))
+
+
+def prepare(folder: Path) -> None:
+    """The settings files the commands read (training, generator)."""
+    write_train_toml(folder)
+    (folder / "gen.toml").write_text(GENERATOR_TOML)
 
 
 # --------------------------------------------------------------------------- kills
@@ -101,6 +133,9 @@ def kill_rows(root: Path, given: dict[str, Path], kills: int, quick: bool) -> li
         ("train --resume --epochs (finished run)", replace_scenario(given["patches"],
                                                                     given["two"], True)),
         ("sweep", sweep_scenario(given["patches"])),
+        ("generate train", generate_train_scenario(given["generator_patches"])),
+        ("generate sample", generate_sample_scenario(given["generator"])),
+        ("predict", predict_scenario(given["predict_run"], images(given))),
     ]  # fmt: skip
     rows = []
     for name, scenario in scenarios:
@@ -138,11 +173,29 @@ def _size_mb(folder: Path) -> float:
 def disk_full_rows(root: Path, given: dict[str, Path], quick: bool) -> list[dict]:
     """Each command on a tmpfs too small for it, then enlarged; compared with a run on a
     disk with room."""
+    generate = ["generate", "train", str(given["generator_patches"]), "--out", "gen",
+                "--epochs", "2", "--config", "gen.toml", "--quiet"]  # fmt: skip
+    predict = ["predict", str(given["predict_run"]), *map(str, images(given)), "--out", "pred",
+               "--device", "cpu", "--thumbnail-size", "128"]  # fmt: skip
+
+    def predicted(out: Path) -> dict[str, bytes]:
+        found = [(f.name, files(f, PREDICTION_FILES)) for f in finished_folders(out)]
+        return {f"{name}/{n}": b for name, kept in found for n, b in kept.items()}
+
+    # (name, command, output, its bytes, what to run after the disk is enlarged)
     cases = [
         ("patchify", ["patchify", str(given["data"]), "patches", "--patch-size", "32",
-                      "--input-size", "8"], "patches", lambda p: files(p, PATCH_SET), None),
+                      "--input-size", "8"], "patches", lambda p: files(p, PATCH_SET),
+         lambda ws, argv: argv),
         ("train", ["train", str(given["patches"]), "--out", "run", "--epochs", "2", *TRAIN],
-         "run", run_outputs, ["train", "--resume", "--out", "run", "--quiet"]),
+         "run", run_outputs,
+         lambda ws, argv: ["train", "--resume", "--out", "run", "--quiet"]
+         if (ws / "run" / "config.json").is_file() else argv),
+        ("generate train", generate, "gen", generator_outputs,
+         lambda ws, argv: [*argv, "--resume"] if (ws / "gen" / "config.json").is_file()
+         else argv),
+        ("predict", predict, "pred", predicted,
+         lambda ws, argv: [*argv, "--overwrite"] if finished_folders(ws / "pred") else argv),
     ]  # fmt: skip
     fractions = (0.3,) if quick else (0.1, 0.3, 0.5, 0.8)
     probe = root / "probe"
@@ -150,26 +203,25 @@ def disk_full_rows(root: Path, given: dict[str, Path], quick: bool) -> list[dict
         return [row("disk full", 0, 0, 0, 0, 0, "not run: mounting a small tmpfs needs root")]
     subprocess.run(["umount", str(probe)], check=True)
     rows = []
-    for name, command, output, outputs, resume in cases:
-        reference = root / f"full-{name}-ref"
+    for name, command, output, outputs, rerun in cases:
+        reference = root / re.sub(r"\W+", "-", f"full-{name}-ref")
         reference.mkdir()
-        write_train_toml(reference)
+        prepare(reference)
         code, _, text = run_cli(command, reference)
         assert code == 0, text
         needed = _size_mb(reference / output)
         expected = outputs(reference / output)
         faults = survived = lost = 0
         for fraction in fractions:
-            disk = root / f"full-{name}-{fraction}"
+            disk = root / re.sub(r"\W+", "-", f"full-{name}-{fraction}")
             assert _mount(disk, needed * fraction)
             try:
-                write_train_toml(disk)
+                prepare(disk)
                 code, _, text = run_cli(command, disk)
                 clean = code == 2 and "Traceback" not in text and "No space left" in text
                 faults += code != 0
                 _remount(disk, needed * 4 + 64)
-                again = resume if resume and (disk / output / "config.json").is_file() else command
-                code2, _, text2 = run_cli(again, disk)
+                code2, _, text2 = run_cli(rerun(disk, command), disk)
                 same = code2 == 0 and outputs(disk / output) == expected
                 ok = (clean or code == 0) and same
                 survived += ok
@@ -203,15 +255,32 @@ def read_only_rows(root: Path, given: dict[str, Path]) -> list[dict]:
                   "0"],
         "synth": ["synth", str(locked / "s"), "--images", "1", "--size", "96"],
         "report": ["report", str(given["two"]), "--out", str(locked / "report.html")],
+        "sweep": ["sweep", "sweep.toml"],
+        "predict": ["predict", str(given["predict_run"]), str(images(given)[0]), "--out",
+                    str(locked / "pred"), "--device", "cpu"],
+        "generate train": ["generate", "train", str(given["generator_patches"]), "--out",
+                           str(locked / "g"), "--epochs", "1", "--config", "gen.toml",
+                           "--quiet"],
+        "generate sample": ["generate", "sample", str(given["generator"]), "--out",
+                            str(locked / "gs"), "--count", "4", "--device", "cpu", "--quiet"],
     }  # fmt: skip
     clean = 0
     root.mkdir(parents=True, exist_ok=True)
-    write_train_toml(root)
+    prepare(root)
+    (root / "sweep.toml").write_text(
+        f'name = "ro"\nout = "{locked / "sweep"}"\nmethods = ["erm"]\nseeds = 1\n'
+        f'[datasets]\ntoy = "{given["patches"]}"\n[train]\nepochs = 1\nbootstrap = 0\n'
+        'device = "cpu"\nnum_threads = 1\n'
+    )
     with read_only(locked):
         for argv in commands.values():
             code, _, text = run_cli(argv, root)
             errors = [line for line in text.splitlines() if line.startswith("error:")]
-            clean += code == 2 and len(errors) == 1 and "Traceback" not in text
+            ok = code == 2 and len(errors) == 1 and "Traceback" not in text
+            clean += ok
+            if not ok:
+                print(f"  read-only {argv[:2]}: exit {code}\n{text[-1500:]}", flush=True)
+        clean -= bool(list(locked.iterdir()))  # nothing may have been written
     return [row("read-only output folder", len(commands), 0, len(commands), clean,
                 len(commands) - clean, ", ".join(commands))]  # fmt: skip
 

@@ -16,15 +16,15 @@ import torch
 
 from kill_harness import (
     COMPLETE,
+    PREDICTION_FILES,
     Outcome,
     Scenario,
+    atomic_write_done,
     campaign,
     epochs_done,
     files,
-    parts_done,
-    PREDICTION_FILES,
-    atomic_write_done,
     finished_folders,
+    parts_done,
     read_generator_run,
     read_patch_set,
     read_predictions,
@@ -37,8 +37,8 @@ from test_data import write_toy_patch_set
 from test_generate_e2e import write_generator_toy
 from unshortcut.config import TrainConfig
 from unshortcut.generate import GeneratorConfig, train_generator
-from unshortcut.runs import content_digest
 from unshortcut.methods import method_names
+from unshortcut.runs import content_digest
 from unshortcut.synth import generate_dataset, make_config
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.train import train
@@ -213,7 +213,7 @@ GENERATOR = {
     "device": "cpu",
 }
 GENERATOR_TOML = (
-    'widths = [16, 32]\nattention = [false, false]\nhead_channels = 16\nbatch_size = 16\n'
+    "widths = [16, 32]\nattention = [false, false]\nhead_channels = 16\nbatch_size = 16\n"
     "sample_steps = 2\nquality_epochs = 1\nnum_threads = 1\n"
 )
 
