@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from reliability_helpers import assert_one_line_error, copy_folder, flip_bytes, read_only
 from test_data import write_toy_patch_set
+from test_generate_e2e import TINY, write_generator_toy
 from unshortcut.atomic import (
     HOST_TAG,
     LeftoverWarning,
@@ -33,8 +34,11 @@ from unshortcut.atomic import (
 from unshortcut.cli import app
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
+from unshortcut.generate import GeneratorConfig, train_generator
+from unshortcut.generate import training as generator_training
 from unshortcut.io.metadata import read_metadata
 from unshortcut.metrics import one_class_warnings
+from unshortcut.predict import maps
 from unshortcut.runs import (
     load_checkpoint,
     open_run,
@@ -86,6 +90,33 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def generator_patches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_generator_toy(tmp_path_factory.mktemp("gen-toy") / "patches")
+
+
+@pytest.fixture(scope="module")
+def generator_run(generator_patches: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "run"
+    return train_generator(GeneratorConfig(patches=generator_patches, out=out, **TINY))
+
+
+@pytest.fixture(scope="module")
+def predict_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run on patchify's cut of synthetic images (predict cuts images as its patch set
+    was); the images are in ``RUN/../data/images``."""
+    root = tmp_path_factory.mktemp("predict")
+    generate_dataset(make_config(images=6, size=256, seed=2), root / "data")
+    patchify(root / "data", root / "patches", PatchifyConfig(patch_size=32, input_size=8))
+    return train(config(root / "patches", root / "run", epochs=1), progress=False)
+
+
+GENERATOR_TOML = (
+    "widths = [16, 32]\nattention = [false, false]\nhead_channels = 16\nbatch_size = 16\n"
+    'sample_steps = 2\nquality_epochs = 1\nnum_threads = 1\ndevice = "cpu"\n'
+)
+
+
 def read(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
@@ -111,6 +142,100 @@ def test_read_only_output_folder_is_one_line_for_every_command(
     with read_only(run):
         line = assert_one_line_error(cli("evaluate", run, "--bootstrap", "0"), "evaluation")
         assert "choose a folder you can write to" in line
+
+
+def test_read_only_output_folder_is_one_line_for_the_newer_commands(
+    patches: Path,
+    finished_run: Path,
+    generator_patches: Path,
+    generator_run: Path,
+    predict_run: Path,
+    tmp_path: Path,
+) -> None:
+    """report, sweep, predict, generate train and sample: one line, nothing written."""
+    locked = tmp_path / "locked"
+    gen_toml = tmp_path / "gen.toml"
+    gen_toml.write_text(GENERATOR_TOML)
+    sweep_toml = tmp_path / "sweep.toml"
+    sweep_toml.write_text(
+        f'name = "ro"\nout = "{locked / "sweep"}"\nmethods = ["erm"]\nseeds = 1\n'
+        f'[datasets]\ntoy = "{patches}"\n[train]\nepochs = 1\nbootstrap = 0\n'
+        'device = "cpu"\nnum_threads = 1\n'
+    )
+    image = sorted((predict_run.parent / "data" / "images").iterdir())[0]
+    with read_only(locked):
+        for args in (
+            ["report", finished_run, "--out", locked / "report.html"],
+            ["sweep", sweep_toml],
+            ["predict", predict_run, image, "--out", locked / "pred", "--device", "cpu"],
+            ["generate", "train", generator_patches, "--out", locked / "g", "--epochs", "1",
+             "--config", gen_toml, "--quiet"],
+            ["generate", "sample", generator_run, "--out", locked / "s", "--count", "4",
+             "--device", "cpu", "--quiet"],
+        ):  # fmt: skip
+            line = assert_one_line_error(cli(*args), str(locked))
+            assert "not permitted" in line or "denied" in line or "read-only" in line, line
+        assert list(locked.iterdir()) == []
+
+
+def test_disk_full_during_generator_training_is_one_line_and_resumes_exactly(
+    generator_patches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen_toml = tmp_path / "gen.toml"
+    gen_toml.write_text(GENERATOR_TOML)
+
+    def command(out: Path) -> list[Any]:
+        return ["generate", "train", generator_patches, "--out", out, "--epochs", "3",
+                "--config", gen_toml, "--quiet"]  # fmt: skip
+
+    assert cli(*command(tmp_path / "whole")).exit_code == 0
+    write = generator_training.atomic_write_bytes
+    saved: list[int] = []
+
+    def full_at_second_checkpoint(path: Path, data: bytes) -> None:
+        if path.name == "last.pt":
+            saved.append(1)
+            if len(saved) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(generator_training, "atomic_write_bytes", full_at_second_checkpoint)
+    out = tmp_path / "run"
+    line = assert_one_line_error(cli(*command(out)), "No space left", "last.pt")
+    assert "--resume" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.pt"]  # no temporary
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(generator_training, "atomic_write_bytes", write)
+    result = cli(*command(out), "--resume")
+    assert result.exit_code == 0, result.output
+    resumed = torch.load(out / "generator.pt", weights_only=False)["model"]
+    whole = torch.load(tmp_path / "whole" / "generator.pt", weights_only=False)["model"]
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_disk_full_during_predict_is_one_line_and_leaves_no_image_folder(
+    predict_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = sorted((predict_run.parent / "data" / "images").iterdir())[0]
+    save_png = maps.save_png
+
+    def full_at_the_second_picture(path: Path, rgb: np.ndarray) -> None:
+        if path.name == "shaky.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save_png(path, rgb)
+
+    monkeypatch.setattr(maps, "save_png", full_at_the_second_picture)
+    out = tmp_path / "pred"
+    args = ["predict", predict_run, image, "--out", out, "--device", "cpu"]
+    assert_one_line_error(cli(*args), "No space left", "shaky.png")
+    assert list(out.iterdir()) == []  # neither a half-written folder nor its temporary
+    monkeypatch.setattr(maps, "save_png", save_png)
+    assert cli(*args).exit_code == 0
+    assert sorted(p.name for p in (out / image.stem).iterdir()) == [
+        "overlay.png", "predictions.geojson", "predictions.parquet", "shaky.png",
+        "tumor.geojson",
+    ]  # fmt: skip
 
 
 def test_disk_full_during_patchify_is_one_line_and_keeps_what_was_tiled(
