@@ -324,6 +324,16 @@ def table(rows: list[dict]) -> Table:
     return out
 
 
+def markdown(rows: list[dict], totals: dict[str, int]) -> str:
+    """The table of docs/benchmarks.md ("Reliability")."""
+    lines = ["| campaign | faults injected | inputs tried | runs | survived | data lost |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in [*rows, {"name": "**total**", **totals}]:
+        lines.append(f"| {r['name']} | {r['faults']} | {r['inputs']} | {r['runs']} | "
+                     f"{r['survived']} | {r['lost']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=4, help="kills in a row per campaign")
@@ -348,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }  # fmt: skip
     atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
+    print(markdown(rows, result["totals"]))
     print(f"written: {RESULTS}")
 
 
