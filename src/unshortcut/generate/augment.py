@@ -90,9 +90,9 @@ def augment_patch_set(
     ``unshortcut train`` prints them (default: all groups) of the groups defined by
     ``attributes``/``taus`` (default: tissue_ratio at 0.5).
     """
+    generator = load_generator(run, device)
     if Path(out).exists() and not overwrite:  # said now, not after minutes of sampling
         raise UnshortcutError(f"{out}: already exists (pass --overwrite to replace it)")
-    generator = load_generator(run, device)
     source_path = Path(patches) if patches is not None else Path(generator.config.patches)
     source = PatchSet.open(source_path)
     _check_compatible(generator, source)
