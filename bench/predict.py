@@ -15,7 +15,7 @@ Speed is patches per second of the variant's own wall time (imports and the mode
 load excluded for predict, whose clock starts inside ``predict``): patches written for
 patchify, patches scored for predict.
 
-    flock /work/notes/bench.lock python bench/predict.py [--repeats 3] [--threads 1]
+    python bench/predict.py [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations

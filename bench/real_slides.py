@@ -23,7 +23,7 @@ which the texture is never painted from; the same + HED jitter. The checkpoint i
 saved as a torchvision-style state dict (.pth) and loaded through ``pretrained`` as a
 user would. Test metrics at the checkpoint selected by validation worst-group accuracy.
 
-    flock /work/notes/bench.lock python bench/real_slides.py [--epochs 4] [--seeds 3]
+    python bench/real_slides.py [--epochs 4] [--seeds 3]
 
 Writes bench/results/real_slides.json (a ``rows`` list, each metric {mean, std,
 values}) and prints the Markdown section for docs/benchmarks.md.

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real data in ../shared/data."""
+"""Shared fixtures (paths to the real data in ../shared/data) and hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -6,6 +6,33 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Fuzzing profiles. "ci" (the default) keeps the suite to minutes on two cores: a fixed
+# number of examples drawn from a fixed seed (the same inputs every run, no example
+# database written into the checkout), no per-example deadline (a loaded machine is
+# not a bug). "thorough" is for hunting: HYPOTHESIS_PROFILE=thorough pytest -m fuzz.
+settings.register_profile(
+    "ci",
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(  # bench/reliability.py: many examples, still reproducible
+    "bench",
+    parent=settings.get_profile("ci"),
+    max_examples=int(os.environ.get("HYPOTHESIS_BENCH_EXAMPLES", "200")),
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: ../shared/data beside the repository; UNSHORTCUT_SHARED_DATA points elsewhere (a git
 #: worktree one folder deeper, say).

@@ -219,6 +219,9 @@ def test_the_augmented_set_keeps_real_rows_and_adds_training_rows_only(
     normal = generated["label"].to_numpy() == 0
     assert (generated["tumor_fraction"].to_numpy()[normal] == 0).all() and masks[normal].max() == 0
     assert (generated["tumor_fraction"].to_numpy()[~normal] > 0).all()
+    # Its manifest records the new files' checksums, not the source's.
+    assert new.verify() == []
+    assert new.manifest["checksums"]["pixels.npy"] != source.manifest["checksums"]["pixels.npy"]
 
 
 def test_the_quality_report_covers_every_generated_group(augmented: Path) -> None:

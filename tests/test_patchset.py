@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.sealed import seal
 from unshortcut.tiling.patchset import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -107,7 +108,7 @@ def test_other_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "set" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["format_version"] = FORMAT_VERSION + 1
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(seal(manifest)))  # as a newer unshortcut would write it
     with pytest.raises(UnshortcutError, match=r"manifest.json: was written by another version"):
         PatchSet.open(tmp_path / "set")
     path.write_text(json.dumps({"format": "something-else"}))

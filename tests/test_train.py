@@ -22,6 +22,8 @@ from unshortcut.inference import load_run_data
 from unshortcut.methods import get_method, method_names
 from unshortcut.methods.erm import ERM
 from unshortcut.runs import load_model, open_run
+from unshortcut.sealed import seal
+from unshortcut.tiling.patchset import replace_table
 from unshortcut.train import LoopContext, reproducible, train, training_data
 
 # One torch thread: on a shared 2-core machine OpenMP teams of 2 stall on each other.
@@ -140,14 +142,11 @@ def test_same_seed_same_metrics_other_seed_other_metrics(
 def test_selection_never_reads_test_labels(
     patches: Path, reference_run: Path, tmp_path: Path
 ) -> None:
-    flipped = tmp_path / "flipped"
-    flipped.mkdir()
-    for name in ("pixels.npy", "masks.npy", "manifest.json"):
-        (flipped / name).write_bytes((patches / name).read_bytes())
-    table = pd.read_parquet(patches / "patches.parquet")
-    test = table["split"] == "test"
-    table.loc[test, "label"] = 1 - table.loc[test, "label"]
-    table.to_parquet(flipped / "patches.parquet", index=False)
+    def flip_test_labels(table: pd.DataFrame) -> None:
+        test = table["split"] == "test"
+        table.loc[test, "label"] = 1 - table.loc[test, "label"]
+
+    flipped = _edit_table(patches, tmp_path / "flipped", flip_test_labels)
 
     seen: list[bool] = []
     config = _config(flipped, tmp_path / "run")
@@ -242,11 +241,11 @@ def _cli(*args: str) -> Any:
 
 def _edit_table(source: Path, target: Path, edit: Any) -> Path:
     target.mkdir()
-    for name in ("pixels.npy", "masks.npy", "manifest.json"):
+    for name in ("pixels.npy", "masks.npy", "manifest.json", "patches.parquet"):
         (target / name).write_bytes((source / name).read_bytes())
     table = pd.read_parquet(source / "patches.parquet")
     edit(table)
-    table.to_parquet(target / "patches.parquet", index=False)
+    replace_table(target, table)
     return target
 
 
@@ -257,7 +256,7 @@ def test_cli_bad_input_is_one_clear_line(patches: Path, tmp_path: Path) -> None:
     for name in ("pixels.npy", "masks.npy", "patches.parquet"):
         (old / name).write_bytes((patches / name).read_bytes())
     manifest = json.loads(_read(patches / "manifest.json")) | {"format_version": 99}
-    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (old / "manifest.json").write_text(json.dumps(seal(manifest)), encoding="utf-8")
     missing = tmp_path / "missing"
     missing.mkdir()
     (missing / "manifest.json").write_text(_read(patches / "manifest.json"), encoding="utf-8")

@@ -24,6 +24,7 @@ from unshortcut.evaluate import evaluate_run
 from unshortcut.inference import load_run_data, one_class_warning
 from unshortcut.methods import GroupedSplit
 from unshortcut.runs import load_model, open_run
+from unshortcut.sealed import seal
 from unshortcut.stain import STAIN_CACHE, HedJitter
 from unshortcut.tiling.patchset import PatchSet, write_patch_set
 from unshortcut.train import LoopContext, reproducible, train, training_data
@@ -151,7 +152,7 @@ def _dark_background_copy(patches: Path, out: Path) -> Path:
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["images"] = {"img": {"tissue_polarity": "dark-background"}}
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(seal(manifest)))
     return out
 
 

@@ -7,7 +7,9 @@ exit code 2, never a traceback. Commands register with :func:`command`.
 
 from __future__ import annotations
 
+import errno
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,29 +35,71 @@ error_console = Console(stderr=True)
 def command(
     name: str, on_interrupt: str | None = None, group: typer.Typer | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command (on ``group``, default the main app) whose UnshortcutError
-    becomes a one-line message and exit 2.
+    """Register a command (on ``group``, default the main app) that never ends in a
+    traceback for a user's or a machine's problem.
 
-    ``on_interrupt`` is what a person should know after Ctrl-C (what was kept, how to go
-    on); the command then exits 130 with that line instead of a traceback.
+    An :class:`UnshortcutError` and an ``OSError`` (read-only folder, disk full, ...)
+    become one ``error:`` line and exit 2; warnings the library raised (``warnings.warn``)
+    are printed as ``warning:`` lines. ``on_interrupt`` is what a person should know
+    after a stop midway (what was kept, how to go on): printed after Ctrl-C (exit 130)
+    and after a full disk.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except UnshortcutError as error:
-                error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt:
-                hint = f": {on_interrupt}" if on_interrupt else ""
-                error_console.print(f"[bold red]interrupted[/]{hint}", highlight=False)
-                raise typer.Exit(130) from None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                try:
+                    return fn(*args, **kwargs)
+                except UnshortcutError as error:
+                    _fail(caught, str(error), 2)
+                except OSError as error:
+                    _fail(caught, os_error_message(error, on_interrupt), 2)
+                except KeyboardInterrupt:
+                    hint = f": {on_interrupt}" if on_interrupt else ""
+                    _flush_warnings(caught)
+                    error_console.print(f"[bold red]interrupted[/]{hint}", highlight=False)
+                    raise typer.Exit(130) from None
+                finally:
+                    _flush_warnings(caught)
 
         return (group or app).command(name)(wrapper)
 
     return decorate
+
+
+def _fail(caught: list[warnings.WarningMessage], message: str, code: int) -> None:
+    """Warnings first, then the one error line, then the exit code."""
+    _flush_warnings(caught)
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _flush_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print the warnings recorded so far (each text once) and forget them."""
+    _print_warnings([str(w.message) for w in caught])
+    caught.clear()
+
+
+#: Errors that stop a command midway; the command's hint says what was kept.
+_MIDWAY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def os_error_message(error: OSError, kept: str | None = None) -> str:
+    """One line for a file-system error: the file, what the system said, what to do."""
+    where = error.filename if error.filename is not None else None
+    text = error.strerror or str(error)
+    if error.filename2 is not None:
+        where = f"{error.filename} -> {error.filename2}"
+    message = f"{where}: {text}" if where is not None else text
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message += " (choose a folder you can write to, or fix its permissions)"
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += " (free some space or choose another folder)"
+    if error.errno in _MIDWAY and kept:
+        message += f"; {kept}"
+    return message
 
 
 def _version(value: bool) -> None:
@@ -260,11 +304,15 @@ def _names(text: str) -> tuple[str, ...]:
 
 @command(
     "train",
-    on_interrupt="every finished epoch is in RUN/checkpoints/last.pt; the same command with "
-    "--resume continues from there",
+    on_interrupt="every finished epoch is kept in the run's checkpoints/last.pt; "
+    "`unshortcut train --resume --out RUN` continues from there",
 )
 def train_command(
-    patches: Path = typer.Argument(..., help="Patch-set folder written by `unshortcut patchify`."),
+    patches: Path | None = typer.Argument(
+        None,
+        help="Patch-set folder written by `unshortcut patchify` (with --resume: taken from "
+        "the run's config.json).",
+    ),
     out: Path | None = typer.Option(None, "--out", help="Run folder to write."),
     method: str | None = typer.Option(None, "--method", help="Training method (default: erm)."),
     attribute: list[str] | None = typer.Option(
@@ -331,7 +379,12 @@ def train_command(
     tensorboard: bool | None = typer.Option(
         None, "--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out from its last checkpoint, with its own settings "
+        "(config.json); a larger --epochs extends it.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -340,15 +393,17 @@ def train_command(
     Groups are the label crossed with attribute bins fitted on the training split; the
     checkpoint is chosen on validation data only and the test split is scored once.
     """
-    import warnings
-
     from unshortcut import distributed
     from unshortcut.config import load_config, parse_hp
     from unshortcut.evaluate import metric_warnings, results_tables
-    from unshortcut.runs import open_run
+    from unshortcut.runs import open_run, resume_config
     from unshortcut.train import train
 
-    settings = load_config(
+    if resume and out is None:
+        raise UnshortcutError("--resume: say which run to continue with --out RUN")
+    if not resume and patches is None and config is None:
+        raise UnshortcutError("PATCHES: give the patch set to train on")
+    settings = (resume_config if resume else load_config)(
         config,
         patches=patches,
         out=out,
@@ -679,6 +734,27 @@ def sweep_command(
         table.add_row(row["dataset"], tau, row["protocol"], row["method"], *cells)
     console.print(table)
     console.print(f"results: {write_results(result)}")
+
+
+@command("check")
+def check_command(
+    path: Path = typer.Argument(..., help="A patch set folder or a run folder."),
+) -> None:
+    """Read a patch set or a run folder completely and check it against its checksums.
+
+    Exit 0 when intact, 1 when damaged or unfinished (each problem on one line), 2 when
+    PATH is neither. Also names leftovers of killed runs beside it.
+    """
+    from unshortcut.integrity import check_folder
+
+    result = check_folder(path)
+    for note in result.notes:
+        error_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for problem in result.problems:
+        error_console.print(f"[bold red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
+    console.print(f"ok: {path} ({result.kind}) is intact", highlight=False)
 
 
 # --------------------------------------------------------------------------- generate (MeDi)

@@ -121,24 +121,32 @@ class TrainConfig(BaseModel):
 
 # Fields that may differ when resuming: they change where and how fast, not what.
 RESUME_FREE_FIELDS = frozenset({"device", "num_threads", "prefetch", "out", "tensorboard"})
+#: Fields a resumed run may raise: more epochs extend it (docs/training.md, "Resume").
+RESUME_EXTENDABLE_FIELDS = frozenset({"epochs"})
 
 
-def load_config(file: Path | None = None, **flags: Any) -> TrainConfig:
+def load_config(
+    file: Path | None = None, base: dict[str, Any] | None = None, **flags: Any
+) -> TrainConfig:
     """A config from a TOML file merged with flags; flags that are not ``None`` win.
 
     Lists given as flags (``--attribute``, ``--tau``, ``--select-by``) replace the
     file's list; ``hp`` flags are merged key by key into the file's ``[hp]`` table.
+    ``base`` holds settings under the file's (a run's saved config when resuming).
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     if file is not None:
         try:
-            data = tomllib.loads(Path(file).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
+            text = Path(file).read_text(encoding="utf-8")
+            data.update(tomllib.loads(text))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
             raise UnshortcutError(f"{file}: unreadable config ({error})") from None
     for key, value in flags.items():
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
         if key == "hp":
+            if not isinstance(data.get("hp", {}), dict):
+                raise UnshortcutError(f"{file}: hp: must be a table of key = value pairs")
             data["hp"] = {**data.get("hp", {}), **value}
         else:
             data[key] = value

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from unshortcut import distributed
+from unshortcut.errors import UnshortcutError
 from unshortcut.prefetch import prefetched
 from unshortcut.rows import Batch, GroupedSplit
 from unshortcut.stain import HedJitter, StainNormalizer
@@ -99,6 +100,12 @@ def channel_stats(pixels: np.ndarray, rows: np.ndarray, chunk: int = CHUNK_ROWS)
         total_sq += np.square(block).sum(axis=(0, 2, 3))
         count += block.shape[0] * block.shape[2] * block.shape[3]
     mean = total / count
+    if not (np.isfinite(mean).all() and np.isfinite(total_sq).all()):
+        where = getattr(pixels, "filename", None) or "pixels"
+        raise UnshortcutError(
+            f"{where}: the training patches hold NaN or infinite pixel values "
+            "(`unshortcut check` on the patch set names the first one)"
+        )
     var = np.maximum(total_sq / count - mean**2, 0.0)
     std = np.sqrt(var)
     std = np.where(std > 1e-12 * np.maximum(np.abs(mean + shift), 1.0), std, 1.0)

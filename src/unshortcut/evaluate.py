@@ -45,6 +45,10 @@ def evaluate_run(
     Writes ``RUN/evaluation/<name>/`` (``metrics.json`` and ``predictions/``), where
     ``name`` defaults to the patch set folder's name, and returns it with the metrics.
     """
+    if bootstrap is not None and bootstrap < 0:
+        raise UnshortcutError(f"--bootstrap: must be 0 or more resamples, got {bootstrap}")
+    if name is not None:
+        check_folder_name(name, "--name")
     run = open_run(run_path)
     patches = Path(patches).resolve() if patches is not None else run.config.patches
     criterion = criterion or run.config.primary_criterion
@@ -103,9 +107,19 @@ def evaluate_run(
     return out, metrics
 
 
+def check_folder_name(name: str, option: str) -> None:
+    """``name`` must be one plain folder name: it may not lead out of the run folder."""
+    if name in ("", ".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+        raise UnshortcutError(
+            f"{option}: {name!r} is not a plain folder name (no '/', '..' or empty names)"
+        )
+
+
 def metric_warnings(metrics: dict[str, Any]) -> list[str]:
-    """Every split's metric warnings, each text once, prefixed by its split."""
-    lines: list[str] = []
+    """Every split's metric warnings, each text once, prefixed by its split; first, why
+    training stopped early, when it did."""
+    stopped = metrics.get("stopped_early")
+    lines: list[str] = [f"training stopped early: {stopped}"] if stopped else []
     for split in EVAL_SPLITS:
         for text in (metrics.get(split) or {}).get("warnings", []):
             line = f"{split}: {text}"

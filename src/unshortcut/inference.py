@@ -48,11 +48,23 @@ THRESHOLD = 0.5
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else, or a
+    CUDA device that is not there, is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UnshortcutError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UnshortcutError(
+            f"--device: unknown device {name!r} (use auto, cpu or cuda)"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UnshortcutError(f"--device: {name!r} is not supported (use auto, cpu or cuda)")
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise UnshortcutError(f"--device {name}: no such CUDA device is available")
+    return device
 
 
 @dataclass

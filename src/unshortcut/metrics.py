@@ -148,6 +148,7 @@ def evaluate_predictions(
         for g, name in enumerate(group_names)
     }
     warnings = _sample_warnings(n_per_group, group_names, n_attributes, min_group_size)
+    warnings += one_class_warnings(labels, scores >= threshold)
     if result["robust_auroc"] is None:
         warnings.append(
             "robust_auroc is undefined: no tumor patches in the bins where tumor is rarest, "
@@ -536,6 +537,39 @@ def _ece(scores: np.ndarray, labels: np.ndarray) -> float | None:
     bins = np.searchsorted(inner_edges, scores, side="left")
     gap = np.bincount(bins, weights=labels - scores, minlength=ECE_BINS)
     return float(np.abs(gap).sum() / len(scores))
+
+
+#: A model that gives one class to at least this share of the patches...
+ONE_CLASS_SHARE = 0.98
+#: ...while finding at most this share of the other class's patches has collapsed
+#: (judged when the split holds at least ONE_CLASS_MIN_OTHERS of them).
+ONE_CLASS_RECALL = 0.1
+ONE_CLASS_MIN_OTHERS = 3
+
+
+def one_class_warnings(labels: np.ndarray, predicted: np.ndarray) -> list[str]:
+    """A model that predicts (nearly) one class for everything, in words, with what to do.
+
+    Such a model scores balanced accuracy near 50 and looks merely weak in a table;
+    on tumor-poor data ERM ends up there. ``predicted`` is the 0/1 (bool) prediction.
+    """
+    labels, predicted = np.asarray(labels), np.asarray(predicted).astype(bool)
+    n = len(labels)
+    for c, other in ((1, 0), (0, 1)):
+        share = float(np.mean(predicted == bool(c))) if n else 0.0
+        others = labels == other
+        if share < ONE_CLASS_SHARE or others.sum() < ONE_CLASS_MIN_OTHERS:
+            continue
+        recall = float(np.mean(predicted[others] == bool(other)))
+        if recall <= ONE_CLASS_RECALL:
+            return [
+                f"the model predicts {CLASS_NAMES[c]} for {share:.1%} of the {n} patches and "
+                f"finds {recall:.0%} of the {int(others.sum())} {CLASS_NAMES[other]} ones: it "
+                "has collapsed to one class (balanced accuracy near 50). Train with "
+                "class-balanced batches (--method cb_erm or resample), check the labels, or "
+                "lower --lr"
+            ]
+    return []
 
 
 def _sample_warnings(

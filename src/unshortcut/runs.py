@@ -9,10 +9,17 @@
     RUN/checkpoints/best-<c>.pt   weights of the best epoch by validation criterion c
     RUN/checkpoints/final-<c>.pt  the same after ``method.finalize`` (what evaluate/predict load)
     RUN/predictions/{val,test}.parquet   at the primary criterion's checkpoint
+    RUN/checksums.json            SHA-256 of every other file, written just before metrics.json
     RUN/metrics.json              written last: a run without it is unfinished
 
 Every file is written atomically (a temporary name, then a rename), so a reader never
 sees half a file. Paths inside config.json are absolute, so a run opens from anywhere.
+
+Format safety: config.json names its format and version; every checkpoint carries its
+format, version and a SHA-256 of its content (tensors and values, not the pickle's
+bytes), checked on every load, so a damaged or foreign file is a one-line error naming
+it rather than a traceback or silently wrong weights. :func:`verify_run` checks a whole
+folder (``unshortcut check RUN``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +41,33 @@ import torch
 from torch import nn
 
 from unshortcut import __version__
-from unshortcut.atomic import atomic_write_bytes, atomic_write_text
-from unshortcut.config import RESUME_FREE_FIELDS, TrainConfig
+from unshortcut.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    move_into_place,
+    temporary_name,
+)
+from unshortcut.config import (
+    RESUME_EXTENDABLE_FIELDS,
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+    load_config,
+)
 from unshortcut.data import Normalization
 from unshortcut.errors import UnshortcutError
 from unshortcut.groups import GroupScheme
 from unshortcut.methods import get_method
 from unshortcut.models import build_model
+from unshortcut.sealed import read_sealed, seal
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
+CHECKSUMS = "checksums.json"
+RUN_FORMAT = "unshortcut-run"
+CHECKPOINT_FORMAT = "unshortcut-checkpoint"
+#: Version of the run folder layout and of its checkpoints' contents.
+FORMAT_VERSION = 1
+_INTEGRITY = "integrity"
 
 
 def jsonable(value: Any) -> Any:
@@ -59,7 +84,11 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    """Strict JSON, atomically; an object is sealed (:mod:`unshortcut.sealed`)."""
+    data = jsonable(data)
+    if isinstance(data, dict):
+        data = seal(data)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_history(run: Path, history: list[dict[str, Any]]) -> None:
@@ -67,20 +96,100 @@ def write_history(run: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run / "history.jsonl", text)
 
 
-def save_checkpoint(obj: Any, path: Path) -> None:
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` of ``obj`` plus its format, version and content digest, atomically."""
+    stamped = {
+        **obj,
+        _INTEGRITY: {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sha256": content_digest(obj),
+        },
+    }
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(stamped, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path, device: torch.device | str) -> Any:
-    return torch.load(path, map_location=device, weights_only=False)
+    """A checkpoint written by :func:`save_checkpoint`, its digest checked.
+
+    A damaged, truncated or foreign file is a one-line :class:`UnshortcutError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnshortcutError(f"{path}: missing; the run is incomplete")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except OSError:
+        raise
+    except Exception as error:  # torch reports a damaged zip or pickle many ways
+        raise UnshortcutError(
+            f"{path}: not a readable checkpoint, the file is damaged ({type(error).__name__})"
+        ) from None
+    stamp = state.get(_INTEGRITY) if isinstance(state, dict) else None
+    if not isinstance(stamp, dict) or stamp.get("format") != CHECKPOINT_FORMAT:
+        raise UnshortcutError(f"{path}: not an unshortcut checkpoint")
+    if stamp.get("format_version") != FORMAT_VERSION:
+        raise UnshortcutError(
+            f"{path}: checkpoint format version {stamp.get('format_version')}, this "
+            f"unshortcut reads {FORMAT_VERSION}; train the run again with this version"
+        )
+    del state[_INTEGRITY]
+    if content_digest(state) != stamp.get("sha256"):
+        raise UnshortcutError(
+            f"{path}: its content does not match its checksum; the file is damaged"
+        )
+    return state
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors' and arrays' dtypes, shapes and bytes,
+    and every other value, walked in order. Independent of the pickle's bytes and of the
+    device, so a checkpoint loaded anywhere checks against the digest it was saved with.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
+        digest.update(f"A{obj.dtype.str}{obj.shape};".encode())
+        digest.update(np.ascontiguousarray(obj).data)
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, list | tuple):
+        digest.update(f"{type(obj).__name__[0]}{len(obj)};".encode())
+        for value in obj:
+            _feed(digest, value)
+    elif isinstance(obj, set | frozenset):  # iteration order depends on the hash seed
+        digest.update(f"S{len(obj)};".encode())
+        for value in sorted(obj, key=repr):
+            _feed(digest, value)
+    elif obj is None or isinstance(obj, bool | int | float | str | bytes | np.generic):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        digest.update(pickle.dumps(obj, protocol=4))
 
 
 def link(source: Path, target: Path) -> None:
-    """``target`` becomes the same file as ``source`` (a hard link; a copy where unsupported)."""
-    tmp = target.with_name(f".{target.name}.link")
-    tmp.unlink(missing_ok=True)
+    """``target`` becomes the same file as ``source`` (a hard link; a copy where unsupported).
+
+    Already the same file: nothing to do (a rename between two links of one file does
+    nothing and would leave the temporary name behind).
+    """
+    if target.exists() and os.path.samefile(source, target):
+        return
+    tmp = target.with_name(temporary_name(target))
     try:
         os.link(source, tmp)
     except OSError:
@@ -88,51 +197,187 @@ def link(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+def config_differences(
+    saved: dict[str, Any], config: TrainConfig, extendable: bool = False
+) -> list[str]:
     """Settings of ``config`` that differ from a run's saved config.json.
 
     Fields that change only where and how fast a run goes (RESUME_FREE_FIELDS) are
-    ignored; saved hyperparameters are resolved (defaults filled in), so only the
-    ones ``config`` gives are compared.
+    ignored, and with ``extendable`` those a resumed run may raise (more epochs); saved
+    hyperparameters are resolved (defaults filled in), so only the ones ``config``
+    gives are compared.
     """
+    free = RESUME_FREE_FIELDS | (RESUME_EXTENDABLE_FIELDS if extendable else frozenset())
     current = config.to_json_dict()
-    differ = [
-        k for k, v in current.items() if k not in RESUME_FREE_FIELDS | {"hp"} and saved.get(k) != v
-    ]
-    differ += [f"hp.{k}" for k, v in config.hp.items() if saved.get("hp", {}).get(k) != v]
+    differ = [k for k, v in current.items() if k not in free | {"hp"} and saved.get(k) != v]
+    saved_hp = saved.get("hp") if isinstance(saved.get("hp"), dict) else {}
+    differ += [f"hp.{k}" for k, v in config.hp.items() if saved_hp.get(k) != v]
     return sorted(differ)
 
 
-def check_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> bool:
-    """Refuse unusable run folders (no side effects); True when there is a checkpoint."""
+def partial_run(out: Path) -> Path:
+    """Where a run that replaces or extends the finished run ``out`` is built (visible,
+    beside it, resumable); it is swapped in when done."""
+    return out.with_name(f"{out.name}.partial")
+
+
+def _finished_at(run: Path) -> int | None:
+    metrics = run / "metrics.json"
+    return metrics.stat().st_mtime_ns if metrics.is_file() else None
+
+
+def settle_partial(out: Path) -> None:
+    """Finish the swap of a killed run: a finished ``out.partial`` newer than ``out``
+    is put in place; an older one (the replaced run, if the kill came between the swap
+    and its removal) is removed."""
+    partial = partial_run(out)
+    done = _finished_at(partial)
+    if done is None:
+        return
+    current = _finished_at(out)
+    if current is None or done > current:
+        move_into_place(partial, out)
+    else:
+        shutil.rmtree(partial)
+
+
+def resume_source(out: Path) -> Path:
+    """The folder ``--resume`` continues: an unfinished replacement or extension of
+    ``out`` when there is one, else ``out`` itself (a finished ``out.partial`` is a swap
+    cut short, for :func:`settle_partial`, not something to resume)."""
+    partial = partial_run(out)
+    unfinished = (partial / "config.json").is_file() and _finished_at(partial) is None
+    return partial if unfinished else out
+
+
+def resume_config(file: Path | None = None, **flags: Any) -> TrainConfig:
+    """A resumed run's settings: the saved config.json of run ``flags["out"]``, then the
+    TOML ``file`` and the other ``flags`` on top (:func:`unshortcut.config.load_config`;
+    settings that differ from the saved run are refused later, but for the free ones)."""
+    out = Path(flags["out"])
+    saved_file = resume_source(out) / "config.json"
+    if not saved_file.is_file():
+        raise UnshortcutError(f"{out}: no run to resume (config.json is missing)")
+    saved = read_json(saved_file)
+    if not isinstance(saved, dict):
+        raise UnshortcutError(f"{saved_file}: not an unshortcut run configuration")
+    _check_run_format(saved_file, saved)
+    base = {k: v for k, v in saved.items() if k in TrainConfig.model_fields}
+    return load_config(file, base=base, **{**flags, "out": out})
+
+
+@dataclass(frozen=True)
+class RunFolderPlan:
+    """Where and how :func:`unshortcut.train.train` writes, decided before any write."""
+
+    out: Path
+    """The run folder the user named."""
+    work: Path
+    """Where training writes: ``out``, or ``out.partial`` (swapped in when finished)."""
+    checkpoint: bool
+    """Resume from ``work/checkpoints/last.pt``."""
+    saved_epochs: int | None
+    """Epochs of the run being resumed (more in the config: it is extended)."""
+    discard: Path | None = None
+    """An unfinished replacement to remove first (``--overwrite`` starts afresh)."""
+    copy_finished: bool = False
+    """Extending a finished run: ``work`` starts as a copy of ``out`` (hard links)."""
+
+
+def plan_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> RunFolderPlan:
+    """Refuse unusable run folders and decide where to write; writes nothing (call
+    :func:`settle_partial` first, from one process)."""
     out = config.out
     if resume and overwrite:
         raise UnshortcutError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise UnshortcutError(f"{out}: exists and is not a folder")
+    partial = partial_run(out)
     if resume:
-        if not (out / "config.json").is_file():
-            raise UnshortcutError(f"{out}: no run to resume (config.json is missing)")
-        differ = config_differences(read_json(out / "config.json"), config)
-        if differ:
-            raise UnshortcutError(
-                f"{out}: --resume with settings that differ from the run's config.json "
-                f"({', '.join(differ)})"
-            )
-        return (out / CHECKPOINTS / LAST).is_file()
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return _plan_resume(config, out, resume_source(out))
+    busy = out.is_dir() and any(out.iterdir())
+    if partial.exists() and not overwrite:
+        raise UnshortcutError(
+            f"{partial}: holds an unfinished run that replaces {out} (pass --resume to "
+            "continue it or --overwrite to start afresh)"
+        )
+    if busy and not overwrite:
         raise UnshortcutError(
             f"{out}: already holds files (pass --resume to continue the run there "
             "or --overwrite to replace it)"
         )
-    return False
+    discard = partial if partial.exists() else None
+    return RunFolderPlan(out, partial if busy else out, False, None, discard)
+
+
+def _plan_resume(config: TrainConfig, out: Path, source: Path) -> RunFolderPlan:
+    if not (source / "config.json").is_file():
+        raise UnshortcutError(f"{out}: no run to resume (config.json is missing)")
+    saved = read_json(source / "config.json")
+    if not isinstance(saved, dict):
+        raise UnshortcutError(f"{source / 'config.json'}: not an unshortcut run configuration")
+    _check_run_format(source / "config.json", saved)
+    differ = config_differences(saved, config, extendable=True)
+    if differ:
+        raise UnshortcutError(
+            f"{out}: --resume with settings that differ from the run's config.json "
+            f"({', '.join(differ)})"
+        )
+    saved_epochs = int(saved.get("epochs", config.epochs))
+    if config.epochs < saved_epochs:
+        raise UnshortcutError(
+            f"--epochs: {config.epochs} is fewer than the run's {saved_epochs}; a run "
+            "cannot be shortened (train a new one)"
+        )
+    checkpoint = (source / CHECKPOINTS / LAST).is_file()
+    if config.epochs > saved_epochs:
+        stopped = _stopped_early(source)
+        if stopped:
+            raise UnshortcutError(f"{out}: stopped early ({stopped}); it cannot be extended")
+    extend_finished = (
+        source == out and config.epochs > saved_epochs and _finished_at(out) is not None
+    )
+    work = partial_run(out) if extend_finished else source
+    return RunFolderPlan(out, work, checkpoint, saved_epochs, copy_finished=extend_finished)
+
+
+def _stopped_early(run: Path) -> str | None:
+    """The reason a method ended training early, from history.jsonl (None: it did not)."""
+    history = run / "history.jsonl"
+    if not history.is_file():
+        return None
+    for line in history.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("stopped"):
+            return str(entry["stopped"])
+    return None
+
+
+def copy_run(source: Path, target: Path) -> None:
+    """``target`` as a copy of run folder ``source``: hard links where possible (every
+    write replaces a file by rename, so the two never change each other's files)."""
+    shutil.copytree(
+        source,
+        target,
+        copy_function=_link_or_copy,
+        # What marks a run finished stays behind: the copy is unfinished until trained.
+        ignore=shutil.ignore_patterns(".*", "evaluation", "predictions", "metrics.json", CHECKSUMS),
+    )
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UnshortcutError(f"{path}: unreadable ({error})") from None
+    """A JSON file, its seal checked (a damaged one is a one-line error)."""
+    return read_sealed(path)
 
 
 def resolved_config(
@@ -148,6 +393,8 @@ def resolved_config(
     digest of a ``pretrained`` checkpoint file (which file the run started from)."""
     return jsonable(
         {
+            "format": RUN_FORMAT,
+            "format_version": FORMAT_VERSION,
             **config.to_json_dict(),
             **_pretrained_digest(config.pretrained),
             "hp": dict(hp),
@@ -201,8 +448,11 @@ class Run:
         path = self.path / "predictions" / "val.parquet"
         if not path.is_file():
             raise UnshortcutError(f"{path}: missing; the run is unfinished (train --resume it)")
-        table = pd.read_parquet(path, columns=["patch_id", "trained_on"])
-        return table.loc[table["trained_on"], "patch_id"].to_numpy()
+        try:
+            table = pd.read_parquet(path, columns=["patch_id", "trained_on"])
+            return table.loc[table["trained_on"].astype(bool), "patch_id"].to_numpy()
+        except Exception as error:  # pyarrow reports damage with many exception types
+            raise UnshortcutError(f"{path}: unreadable, the file is damaged ({error})") from None
 
 
 def open_run(path: Path | str) -> Run:
@@ -212,6 +462,9 @@ def open_run(path: Path | str) -> Run:
     if not file.is_file():
         raise UnshortcutError(f"{path}: not a run folder (no config.json)")
     resolved = read_json(file)
+    if not isinstance(resolved, dict):
+        raise UnshortcutError(f"{file}: not an unshortcut run configuration")
+    _check_run_format(file, resolved)
     try:
         fields = {k: v for k, v in resolved.items() if k in TrainConfig.model_fields}
         config = TrainConfig(**fields)
@@ -221,6 +474,91 @@ def open_run(path: Path | str) -> Run:
     except ValueError as error:
         raise UnshortcutError(f"{file}: unreadable run configuration ({error})") from None
     return Run(path, config, resolved)
+
+
+def _check_run_format(file: Path, resolved: dict[str, Any]) -> None:
+    """A foreign config.json or one of a newer layout is refused by name; one without a
+    format entry predates format versions and is read as version 1."""
+    name = resolved.get("format", RUN_FORMAT)
+    version = resolved.get("format_version", 1)
+    if name != RUN_FORMAT:
+        raise UnshortcutError(f"{file}: not an unshortcut run configuration (format {name!r})")
+    if version != FORMAT_VERSION:
+        raise UnshortcutError(
+            f"{file}: run format version {version}, this unshortcut reads {FORMAT_VERSION}"
+        )
+
+
+def _checksummed_files(run: Path) -> list[Path]:
+    """The files checksums.json covers: everything training wrote but metrics.json and
+    checksums.json themselves (evaluations come later and have their own folders)."""
+    files = [run / "config.json", run / "history.jsonl"]
+    files += sorted((run / CHECKPOINTS).glob("*.pt")) + sorted((run / "predictions").glob("*"))
+    return [f for f in files if f.is_file() and not f.name.startswith(".")]
+
+
+def write_checksums(run: Path) -> None:
+    """RUN/checksums.json: SHA-256 of each file of a finished run (hard links hashed once)."""
+    by_inode: dict[int, str] = {}
+    table = {}
+    for file in _checksummed_files(run):
+        inode = file.stat().st_ino
+        if inode not in by_inode:
+            by_inode[inode] = _file_sha256(file)
+        table[file.relative_to(run).as_posix()] = by_inode[inode]
+    write_json(run / CHECKSUMS, {"algorithm": "sha256", "files": table})
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_run(path: Path | str) -> list[str]:
+    """Every problem of a run folder, one line each (empty: intact and finished).
+
+    Reads everything: config.json's format, each checkpoint against its own digest, every
+    file against checksums.json, metrics.json.
+    """
+    run = open_run(path)
+    problems = []
+    seen: set[int] = set()
+    for file in sorted((run.path / CHECKPOINTS).glob("*.pt")):
+        if file.stat().st_ino in seen:
+            continue
+        seen.add(file.stat().st_ino)
+        try:
+            load_checkpoint(file, "cpu")
+        except UnshortcutError as error:
+            problems.append(str(error))
+    if not (run.path / "metrics.json").is_file():
+        problems.append(
+            f"{run.path}: unfinished (no metrics.json); `unshortcut train --resume --out "
+            f"{run.path}` continues it"
+        )
+        return problems
+    try:
+        run.metrics  # noqa: B018 - parses metrics.json
+    except UnshortcutError as error:
+        problems.append(str(error))
+    sums = run.path / CHECKSUMS
+    if not sums.is_file():
+        problems.append(f"{sums}: missing (written by an older unshortcut?)")
+        return problems
+    try:
+        recorded = dict(read_json(sums)["files"])
+    except (KeyError, TypeError, ValueError, UnshortcutError):
+        return [*problems, f"{sums}: damaged"]
+    for name, digest in recorded.items():
+        file = run.path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif _file_sha256(file) != digest:
+            problems.append(f"{file}: does not match {CHECKSUMS}; the file is damaged")
+    return problems
 
 
 def build_run_model(

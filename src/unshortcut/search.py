@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from unshortcut.errors import UnshortcutError
 from unshortcut.methods import GroupedSplit, HParam, get_method
+from unshortcut.sealed import read_sealed
 
 MAX_REDRAWS = 100
 
@@ -198,11 +198,12 @@ def read_run(run: Path) -> RunSummary:
     every ``test`` entry is discarded here, before anything looks at the values.
     """
     run = Path(run)
-    try:
-        config = json.loads((run / "config.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UnshortcutError(f"{run}: not a finished run ({error})") from None
+    for name in ("config.json", "metrics.json"):
+        if not (run / name).is_file():
+            raise UnshortcutError(f"{run}: not a finished run (no {name})")
+    config, metrics = (read_sealed(run / name) for name in ("config.json", "metrics.json"))
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise UnshortcutError(f"{run}: not a finished run (config.json or metrics.json)")
     by_criterion = metrics.get("by_criterion")
     if not isinstance(by_criterion, dict):
         raise UnshortcutError(f"{run / 'metrics.json'}: has no 'by_criterion' section")

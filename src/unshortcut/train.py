@@ -21,6 +21,7 @@ import copy
 import math
 import os
 import shutil
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,7 +34,12 @@ import torch
 from torch import nn
 
 from unshortcut import distributed
-from unshortcut.atomic import atomic_directory
+from unshortcut.atomic import (
+    LeftoverWarning,
+    atomic_directory,
+    clean_leftovers,
+    move_into_place,
+)
 from unshortcut.config import TrainConfig
 from unshortcut.data import Augmentation, SplitData, augmentation_generator
 from unshortcut.errors import UnshortcutError
@@ -52,15 +58,21 @@ from unshortcut.inference import (
 )
 from unshortcut.methods import Method, Optimizers, get_method
 from unshortcut.metrics import selection_value
+from unshortcut.rows import Batch
 from unshortcut.runs import (
     CHECKPOINTS,
     LAST,
+    RunFolderPlan,
     build_run_model,
-    check_run_folder,
+    copy_run,
     link,
     load_checkpoint,
+    plan_run_folder,
+    read_json,
     resolved_config,
     save_checkpoint,
+    settle_partial,
+    write_checksums,
     write_history,
     write_json,
 )
@@ -126,7 +138,7 @@ def train_epoch(
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"training diverged: the loss is {loss} at epoch {epoch}, step {step} "
-                "(try a lower --lr)"
+                f"({_divergence_cause(batch)})"
             )
         for name, value in terms.items():
             sums[name] += value
@@ -150,6 +162,16 @@ def _epoch_means(sums: dict[str, float], steps: int) -> dict[str, float]:
     totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
     totals = distributed.all_reduce_sum(totals) / distributed.world()
     return {n: float(t) / max(steps, 1) for n, t in zip(names, totals, strict=True)}
+
+
+def _divergence_cause(batch: Batch) -> str:
+    """What to do about a non-finite loss: bad inputs are not fixed by a lower rate."""
+    if not torch.isfinite(batch.x).all():
+        return (
+            "the batch holds NaN or infinite pixel values: the patch set is damaged or was "
+            "made from such images; `unshortcut check PATCHES` finds them"
+        )
+    return "try a lower --lr"
 
 
 @dataclass
@@ -453,28 +475,39 @@ def train(
 ) -> Path:
     """Train ``config.method`` on ``config.patches`` into ``config.out``; returns the run folder.
 
+    ``resume`` continues the run in ``config.out`` (or its unfinished replacement
+    ``OUT.partial``) from its last checkpoint; more ``epochs`` than it was started with
+    extend it. ``overwrite`` replaces a used folder: the new run is built in
+    ``OUT.partial`` and swapped in only when finished, so a failed or killed overwrite
+    keeps the old run (and ``resume`` continues the new one). Extending a finished run
+    goes through ``OUT.partial`` the same way.
+
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is on disk (sweeps
     report progress with it; tests kill runs with it).
     """
     device = distributed.init_from_env(resolve_device(config.device))
-    has_checkpoint = check_run_folder(config, resume, overwrite)
-    run = config.out
     main = distributed.is_main()  # the one writer under data parallelism
+    if main:
+        settle_partial(config.out)
+    distributed.barrier()
+    plan = plan_run_folder(config, resume, overwrite)
+    run = plan.work
     with reproducible(config, device):
         data = training_data(config, device)
         ctx = LoopContext(config, data, device)
         method = get_method(config.method)(ctx, **config.hp)
         ctx.val_rows = _selection_rows(method, len(ctx.val))
         model = ctx.new_model()
-        # Bad input has been refused by now: only then is an old run replaced.
-        if not resume and main:
-            if overwrite and run.exists():
-                shutil.rmtree(run)
-            run.mkdir(parents=True, exist_ok=True)
+        # Bad input has been refused by now: only then is anything written or removed.
+        if main:
+            _prepare_work_folder(plan)
         distributed.barrier()
         optimizers, schedulers = ctx.setup(method, model, config.epochs)
-        if has_checkpoint:
+        if plan.checkpoint:
             state = _restore(run, device, model, method, optimizers, schedulers)
+            if config.epochs != plan.saved_epochs and main:
+                saved = read_json(run / "config.json")
+                write_json(run / "config.json", {**saved, "epochs": config.epochs})
         else:
             patchset = data.patchset
             resolved = resolved_config(
@@ -497,7 +530,46 @@ def train(
                              progress and main, on_epoch_end)  # fmt: skip
         _finish(run, ctx, method, state)
         distributed.barrier()
-    return run
+    if main and run != plan.out:
+        move_into_place(run, plan.out)
+    distributed.barrier()
+    return plan.out
+
+
+def _prepare_work_folder(plan: RunFolderPlan) -> None:
+    """Remove an abandoned replacement, copy a finished run that is being extended, make
+    the folder training writes to, and clear leftovers of killed runs around it."""
+    if plan.discard is not None:
+        shutil.rmtree(plan.discard)
+        warnings.warn(
+            f"{plan.discard}: discarded an unfinished run that was to replace {plan.out}",
+            stacklevel=3,
+        )
+    if plan.copy_finished:
+        copy_run(plan.out, plan.work)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    # Temporaries of a run killed mid-write (a checkpoint that later epochs may never
+    # rewrite): removed now, and said.
+    for folder in (plan.out.parent, plan.work, plan.work / CHECKPOINTS):
+        for text in clean_leftovers(folder):
+            warnings.warn(text, LeftoverWarning, stacklevel=3)
+
+
+def _apply_schedule(optimizers: Optimizers, schedules: Schedulers) -> None:
+    """Set each optimizer's rate to what its restored schedule gives for the next epoch.
+
+    After a plain resume this is the rate the checkpoint holds already (the same
+    expression ``LambdaLR.step`` evaluated); after ``--epochs`` raised it follows the
+    schedule over the new total (the epochs already trained keep the rates they had).
+    """
+    for name, schedule in schedules.items():
+        rates = [
+            base * factor(schedule.last_epoch)
+            for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(optimizers[name].param_groups, rates, strict=True):
+            group["lr"] = rate
+        schedule._last_lr = rates  # what get_last_lr() reports
 
 
 def _restore(
@@ -514,6 +586,7 @@ def _restore(
         optimizer.load_state_dict(state["optimizers"][name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(state["schedulers"][name])
+    _apply_schedule(optimizers, schedulers)
     method.load_state_dict(state["method"])
     return _LoopState(state["history"], state["best"], state["epoch"] + 1, state["stopped"])
 
@@ -732,4 +805,5 @@ def _finish(run: Path, ctx: LoopContext, method: Method, state: _LoopState) -> N
         "stopped_early": state.stopped,
         "method_report": method.run_report(),
     }
+    write_checksums(run)
     write_json(run / "metrics.json", metrics)

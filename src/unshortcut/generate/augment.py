@@ -91,6 +91,8 @@ def augment_patch_set(
     ``attributes``/``taus`` (default: tissue_ratio at 0.5).
     """
     generator = load_generator(run, device)
+    if Path(out).exists() and not overwrite:  # said now, not after minutes of sampling
+        raise UnshortcutError(f"{out}: already exists (pass --overwrite to replace it)")
     source_path = Path(patches) if patches is not None else Path(generator.config.patches)
     source = PatchSet.open(source_path)
     _check_compatible(generator, source)

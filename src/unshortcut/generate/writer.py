@@ -61,7 +61,8 @@ def write_augmented_patch_set(
     if table["patch_id"].duplicated().any():
         raise UnshortcutError(f"{out}: generated patch ids clash with the source patch set's")
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_table(table, tmp / TABLE_FILE)
+        # The new files' checksums replace the source's (unshortcut check verifies them).
+        checksums = {"algorithm": "sha256", TABLE_FILE: write_table(table, tmp / TABLE_FILE)}
         for name, store, new in ((PIXELS_FILE, source.pixels, pixels),
                                  (MASKS_FILE, source.masks, masks)):  # fmt: skip
             appender = NpyAppender(tmp / name, store.shape[1:], store.dtype)
@@ -71,8 +72,10 @@ def write_augmented_patch_set(
                 appender.append(new)
             finally:
                 appender.close()
+            checksums[name] = appender.sha256
         manifest = dict(source.manifest)
-        manifest.update(n_patches=len(table), counts=count_table(table), tool_version=__version__)
+        manifest.update(n_patches=len(table), counts=count_table(table), tool_version=__version__,
+                        checksums=checksums)  # fmt: skip
         manifest["generations"] = [*source.manifest.get("generations", []), generation]
         write_manifest(manifest, tmp / MANIFEST_FILE)
         for relative, data in files.items():

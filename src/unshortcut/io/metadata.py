@@ -7,6 +7,7 @@ names the file, so a user fixes the CSV in one go rather than column by column.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,17 @@ def read_metadata(path: Path | str, image_ids: Sequence[str]) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, str), skipinitialspace=True)
+        with warnings.catch_warnings():
+            # A row longer than the header would silently become an index or lose cells.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(
+                path,
+                dtype=dict.fromkeys(_TEXT_COLUMNS, str),
+                skipinitialspace=True,
+                index_col=False,
+            )
+    except pd.errors.ParserWarning:
+        raise UnshortcutError(f"{path}: a row has more fields than the header") from None
     except FileNotFoundError:
         raise UnshortcutError(f"{path}: no such file") from None
     except pd.errors.EmptyDataError:
@@ -56,6 +67,8 @@ def read_metadata(path: Path | str, image_ids: Sequence[str]) -> pd.DataFrame:
             raise UnshortcutError(
                 f"{path}: invalid split values: {', '.join(bad)} (use train, val or test)"
             )
+        if "patient_id" in table.columns:
+            _refuse_shared_patients(path, table)
     listed = set(table["image_id"])
     unknown = sorted(listed - set(image_ids))
     if unknown:
@@ -64,3 +77,16 @@ def read_metadata(path: Path | str, image_ids: Sequence[str]) -> pd.DataFrame:
     if missing:
         raise UnshortcutError(f"{path}: no row for images: {', '.join(missing)}")
     return table.set_index("image_id").loc[list(image_ids)].reset_index()
+
+
+def _refuse_shared_patients(path: Path, table: pd.DataFrame) -> None:
+    """A patient in two splits leaks their staining, scanner and anatomy into evaluation."""
+    splits = table.groupby("patient_id")["split"].agg(lambda s: sorted(set(s), key=SPLITS.index))
+    shared = splits[splits.map(len) > 1]
+    if len(shared):
+        named = "; ".join(f"{patient} in {', '.join(s)}" for patient, s in shared.head(5).items())
+        more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+        raise UnshortcutError(
+            f"{path}: patient(s) in more than one split: {named}{more}. Their patches would "
+            "be trained and evaluated on; give each patient one split"
+        )

@@ -16,15 +16,13 @@ from typing import Any
 import pandas as pd
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.sealed import read_sealed
 
 PREDICTION_COLUMNS = ("patch_id", "image_id", "label", "score", "prediction")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UnshortcutError(f"{path}: unreadable ({error})") from None
+    data = read_sealed(path)
     if not isinstance(data, dict):
         raise UnshortcutError(f"{path}: expected a JSON object")
     return data

@@ -125,8 +125,13 @@ def load_sweep(path: Path | str, **overrides: Any) -> SweepConfig:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise UnshortcutError(f"{path}: unreadable sweep file ({error})") from None
+    if not isinstance(data.get("out", ""), str):
+        raise UnshortcutError(f"{path}: out: must be a folder name in quotes")
+    datasets = data.get("datasets", {})
+    if not isinstance(datasets, dict) or not all(isinstance(v, str) for v in datasets.values()):
+        raise UnshortcutError(f'{path}: datasets: must be a table of name = "folder" lines')
     base = path.resolve().parent
     if "out" in data:
         data["out"] = (base / Path(data["out"]).expanduser()).resolve()

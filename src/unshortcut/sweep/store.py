@@ -26,7 +26,14 @@ from typing import Any, Literal
 from unshortcut.atomic import atomic_directory, atomic_write_text
 from unshortcut.config import RESUME_FREE_FIELDS, TrainConfig
 from unshortcut.errors import UnshortcutError
-from unshortcut.runs import CHECKPOINTS, LAST, config_differences, read_json, write_json
+from unshortcut.runs import (
+    CHECKPOINTS,
+    LAST,
+    config_differences,
+    partial_run,
+    read_json,
+    write_json,
+)
 
 DIVERGED = "diverged.txt"
 ADOPTED = "adopted.txt"
@@ -51,7 +58,9 @@ def run_status(folder: Path) -> Status:
         return "finished"
     if (folder / DIVERGED).is_file():
         return "diverged"
-    if (folder / CHECKPOINTS / LAST).is_file():
+    if (folder / CHECKPOINTS / LAST).is_file() or (
+        partial_run(folder) / CHECKPOINTS / LAST
+    ).is_file():
         return "interrupted"
     return "pending"
 
@@ -62,6 +71,7 @@ def execute(config_json: dict[str, Any]) -> tuple[Status, list[str]]:
     Takes and returns plain data so that it crosses process boundaries. Returns the
     final status and the warnings the run raised (the launcher prints each text once).
     """
+    from unshortcut.evaluate import metric_warnings
     from unshortcut.train import TrainingDiverged, train
 
     config = TrainConfig(**config_json)
@@ -78,7 +88,13 @@ def execute(config_json: dict[str, Any]) -> tuple[Status, list[str]]:
             train(config, resume=resume, overwrite=not resume, progress=False)
         except TrainingDiverged as error:
             atomic_write_text(config.out / DIVERGED, f"{error}\n")
-    return run_status(config.out), [str(w.message) for w in caught]
+    status = run_status(config.out)
+    texts = [str(w.message) for w in caught]
+    if status == "finished":
+        metrics = read_json(config.out / "metrics.json")
+        # By method, not by run: a sweep's many runs of one method share most warnings.
+        texts += [f"{config.method}: {text}" for text in metric_warnings(metrics)]
+    return status, texts
 
 
 def adoption_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-from unshortcut.atomic import atomic_directory, atomic_write_text
+from unshortcut.atomic import atomic_directory, atomic_write_text, clean_leftovers
 from unshortcut.errors import UnshortcutError
 from unshortcut.io.annotation_classes import (
     DEFAULT_EXCLUDE_CLASSES,
@@ -48,6 +48,7 @@ from unshortcut.tiling.patchset import (
     SPLITS,
     TABLE_FILE,
     NpyAppender,
+    PatchSet,
     base_manifest,
     write_manifest,
     write_table,
@@ -128,6 +129,8 @@ class PatchifyConfig:
             raise UnshortcutError(
                 f"--split-unit: unknown unit {self.split_unit!r} (use {', '.join(SPLIT_UNITS)})"
             )
+        if self.seed < 0:
+            raise UnshortcutError(f"--seed: must be 0 or more, got {self.seed}")
         if self.region_size is not None and self.region_size < 1:
             raise UnshortcutError("--region-size: must be a positive number of pixels")
         if self.background not in BACKGROUNDS:
@@ -215,7 +218,9 @@ def patchify(
     if workers < 1:
         raise UnshortcutError(f"--workers: must be at least 1, got {workers}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    partial = partial_folder(out_dir)
+    exists = out_dir.exists() and not overwrite
+    if exists and not (partial / "plan.json").is_file():
         raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     entries = discover_dataset(data_dir, config.missing_mask)
     metadata_path = data_dir / "metadata.csv"
@@ -227,12 +232,13 @@ def patchify(
     sources = [_check_entry(entry, config) for entry in entries]
     _check_pixel_types(sources)
     _check_metadata_columns(metadata)
-    partial = partial_folder(out_dir)
+    if exists:
+        return _finished_before(out_dir, partial, _plan(data_dir, config, sources))
     notes = _prepare_partial(partial, data_dir, config, sources)
     try:
         _tile_parts(sources, config, partial, on_image, workers)
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            parts, per_image, pixel_info = _join_parts(sources, partial, config, tmp)
+            parts, per_image, pixel_info, checksums = _join_parts(sources, partial, config, tmp)
             table = _assemble_table(parts, metadata, config)
             warnings = notes + _input_warnings(sources, per_image)
             warnings += split_warnings(
@@ -240,8 +246,10 @@ def patchify(
                 None if "split" in _columns(metadata) else config.split_fractions,
                 check_patients=config.split_unit != "region",
             )
-            write_table(table, tmp / TABLE_FILE)
-            manifest = _manifest(data_dir, config, table, per_image, pixel_info, metadata)
+            checksums[TABLE_FILE] = write_table(table, tmp / TABLE_FILE)
+            manifest = _manifest(
+                data_dir, config, table, per_image, pixel_info, metadata, checksums
+            )
             write_manifest(manifest, tmp / MANIFEST_FILE)
     except UnshortcutError:
         # A mistake in the input or settings: fixing it changes the plan, so the parts
@@ -250,6 +258,18 @@ def patchify(
         raise
     shutil.rmtree(partial)
     return PatchifyResult(out_dir, table, manifest, warnings)
+
+
+def _finished_before(out_dir: Path, partial: Path, plan: dict[str, Any]) -> PatchifyResult:
+    """OUT exists beside an OUT.partial: the same command was killed after the patch set
+    was in place and before its parts were removed. Remove them and report the set; a
+    partial of other settings means OUT is another patch set, which is not replaced."""
+    if json.loads((partial / "plan.json").read_text("utf-8")) != plan:
+        raise UnshortcutError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    shutil.rmtree(partial)
+    patch_set = PatchSet.open(out_dir)
+    note = f"{out_dir}: was finished before an interruption; removed the leftover {partial}"
+    return PatchifyResult(out_dir, patch_set.table, patch_set.manifest, [note])
 
 
 def _check_metadata_columns(metadata: pd.DataFrame | None) -> None:
@@ -306,6 +326,8 @@ def _prepare_partial(
     if not partial.is_dir():
         (partial / "parts").mkdir(parents=True)
         atomic_write_text(plan_file, json.dumps(plan, indent=2))
+    # A part or patch set being written when a run was killed (once here, not per part).
+    notes += clean_leftovers(partial / "parts") + clean_leftovers(partial.parent)
     return notes
 
 
@@ -356,7 +378,7 @@ def tile_part(
     from unshortcut.io.readers import open_image
 
     with (
-        atomic_directory(part) as tmp,
+        atomic_directory(part, clean=False) as tmp,
         _opened(open_image(source.image_path)) as reader,
         _opened(_open_tumor(source.entry, source.shape, config)) as tumor,
         ExitStack() as stores,
@@ -375,8 +397,9 @@ def tile_part(
 
 def _join_parts(
     sources: list[_Source], partial: Path, config: PatchifyConfig, out: Path
-) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
-    """Append every part's stores to the final ones, in image order."""
+) -> tuple[list[pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """Append every part's stores to the final ones, in image order; also returns the
+    stores' checksums."""
     first = np.load(_part(partial, 0) / PIXELS_FILE, mmap_mode="r")
     pixel_info = {"channels": int(first.shape[1]), "dtype": str(first.dtype)}
     side = config.input_size
@@ -395,7 +418,8 @@ def _join_parts(
                     store.append(np.asarray(rows[start : start + _COMPACT_CHUNK]))
             parts.append(pd.read_parquet(part / "rows.parquet"))
             per_image[source.image_id] = json.loads((part / "info.json").read_text("utf-8"))
-    return parts, per_image, pixel_info
+    checksums = {PIXELS_FILE: pixels.sha256, MASKS_FILE: masks.sha256}
+    return parts, per_image, pixel_info, checksums
 
 
 def _check_entry(entry: ImageEntry, config: PatchifyConfig) -> _Source:
@@ -549,7 +573,12 @@ def _tile_one(
     ys, xs, tissue = measured.ys, measured.xs, measured.tissue
     tissue_ratio, tissue_source = measured.tissue_ratio, measured.tissue_source
     keep = tissue_ratio >= config.min_tissue
-    _compact(pixel_tmp, pixels, keep)
+    bad = _compact(pixel_tmp, pixels, keep)
+    if bad is not None:
+        raise UnshortcutError(
+            f"{source.image_path}: holds NaN or infinite pixel values (first in the patch at "
+            f"x={xs[bad]}, y={ys[bad]}); replace them (with 0, say) before patchify"
+        )
     _compact(mask_tmp, masks, keep)
     labels = labels_from_fractions(measured.tumor_fraction, config.min_tumor_fraction)
     frame = pd.DataFrame(
@@ -667,15 +696,26 @@ def _some(ids: list[str]) -> str:
     return ", ".join(ids[:_SHOWN_IDS]) + (f" and {more} more" if more > 0 else "")
 
 
-def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> None:
-    """Append the kept rows of a temporary grid-order file to the final store, chunk by chunk."""
+def _compact(raw: Path, store: NpyAppender, keep: np.ndarray) -> int | None:
+    """Append the kept rows of a temporary grid-order file to the final store, chunk by chunk.
+
+    Returns the grid index of the first patch (kept or not) holding NaN or inf, for
+    floating-point pixels; such values would reach training as a diverging loss.
+    """
     row_items = int(np.prod(store.row_shape))
+    first_bad = None
     with open(raw, "rb") as handle:
         for start in range(0, keep.size, _COMPACT_CHUNK):
             chosen = keep[start : start + _COMPACT_CHUNK]
             rows = np.fromfile(handle, dtype=store.dtype, count=chosen.size * row_items)
-            store.append(rows.reshape(chosen.size, *store.row_shape)[chosen])
+            rows = rows.reshape(chosen.size, *store.row_shape)
+            if first_bad is None and rows.dtype.kind == "f":
+                finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+                if not finite.all():
+                    first_bad = start + int(np.argmin(finite))
+            store.append(rows[chosen])
     raw.unlink()
+    return first_bad
 
 
 def _columns(metadata: pd.DataFrame | None) -> list[str]:
@@ -722,13 +762,16 @@ def _manifest(
     per_image: dict[str, dict[str, Any]],
     pixel_info: dict[str, Any],
     metadata: pd.DataFrame | None,
+    checksums: dict[str, str],
 ) -> dict[str, Any]:
     parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     parameters["stride"] = config.resolved_stride
     if config.split_unit == "region":
         parameters["region_size"] = config.region_size or 8 * int(table["size"].iloc[0])
     return {
-        **base_manifest(table, pixel_info["channels"], pixel_info["dtype"], config.input_size),
+        **base_manifest(
+            table, pixel_info["channels"], pixel_info["dtype"], config.input_size, checksums
+        ),
         "source": str(data_dir.resolve()),
         "parameters": parameters,
         "splits_from": "metadata.csv" if "split" in _columns(metadata) else config.split_unit,
