@@ -14,6 +14,7 @@ from test_data import write_toy_patch_set
 from unshortcut.cli import app
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
+from unshortcut.runs import verify_run
 from unshortcut.search import read_run
 from unshortcut.sweep import load_sweep, run_sweep, sweep_status, write_results
 from unshortcut.sweep.plan import summary_stat
@@ -213,7 +214,7 @@ def test_adopt_run_takes_the_same_settings_and_refuses_others(tmp_path: Path) ->
     train(old, progress=False)
     # A run from before TrainConfig had a field: its config.json lacks it.
     saved = json.loads((old.out / "config.json").read_text())
-    del saved["method_attributes"]
+    del saved["method_attributes"], saved["content_sha256"]  # nor was it sealed then
     (old.out / "config.json").write_text(json.dumps(saved))
 
     planned = old.model_copy(update={"out": run_folder(tmp_path / "sweep", old)})
@@ -224,6 +225,7 @@ def test_adopt_run_takes_the_same_settings_and_refuses_others(tmp_path: Path) ->
     assert os.path.samefile(planned.out / "metrics.json", old.out / "metrics.json")
     assert json.loads((old.out / "config.json").read_text()) == saved  # the source is intact
     assert (planned.out / "adopted.txt").read_text() == f"{old.out}\n"
+    assert verify_run(planned.out) == []  # checksums.json speaks for the new config.json
     assert execute(planned.model_dump(mode="json")) == ("finished", [])  # the sweep reuses it
     assert adopt_run(old.out, planned) is False  # twice: nothing changes
 

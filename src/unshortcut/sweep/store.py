@@ -28,10 +28,12 @@ from unshortcut.config import RESUME_FREE_FIELDS, TrainConfig
 from unshortcut.errors import UnshortcutError
 from unshortcut.runs import (
     CHECKPOINTS,
+    CHECKSUMS,
     LAST,
     config_differences,
     partial_run,
     read_json,
+    write_checksums,
     write_json,
 )
 
@@ -160,6 +162,8 @@ def adopt_run(source: Path, config: TrainConfig) -> bool:
     with atomic_directory(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
         write_json(tmp / "config.json", adopted)
+        if (tmp / CHECKSUMS).is_file():  # it vouches for config.json too: say the new one
+            write_checksums(tmp)
         atomic_write_text(tmp / ADOPTED, f"{source.resolve()}\n")
     return True
 
