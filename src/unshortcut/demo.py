@@ -1,9 +1,10 @@
 """The whole pipeline on built-in synthetic data, small enough for a laptop CPU.
 
 synth -> patchify -> audit (with its verdict) -> train ERM and GERNE -> a side-by-side
-table -> an HTML report of both runs. It is the first thing a new user runs, so it uses
-only public library functions, the same ones the individual commands call, and leaves
-every intermediate folder for inspection.
+table -> an HTML report of both runs -> a tumor heat map of one held-out (test) image.
+It is the first thing a new user runs, so it uses only public library functions, the
+same ones the individual commands call, and leaves every intermediate folder for
+inspection.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich.table import Table
 from unshortcut.audit import audit_patch_set
 from unshortcut.config import load_config
 from unshortcut.groups import parse_attribute_specs
+from unshortcut.predict import PredictOptions, predict
 from unshortcut.report.audit_section import write_audit
 from unshortcut.report.build import write_report
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, make_config
@@ -44,13 +46,13 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data, patches = out / "data", out / "patches"
-    console.rule("1/5 synth: multimodal images with tumor masks")
+    console.rule("1/6 synth: multimodal images with tumor masks")
     generate_dataset(
         make_config(images=settings.images, size=settings.size, seed=settings.seed),
         data,
         overwrite=overwrite,
     )
-    console.rule("2/5 patchify: labelled patches with tissue ratio")
+    console.rule("2/6 patchify: labelled patches with tissue ratio")
     patchify(
         data,
         patches,
@@ -61,7 +63,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
         ),
         overwrite=overwrite,
     )
-    console.rule("3/5 audit: does tissue ratio alone predict the label?")
+    console.rule("3/6 audit: does tissue ratio alone predict the label?")
     patch_set = PatchSet.open(patches)
     specs = parse_attribute_specs(["tissue_ratio"], [settings.tau])
     audit = audit_patch_set(patch_set, specs)
@@ -70,7 +72,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     shown = ", ".join(f"{split} {value:.3f}" for split, value in auroc.items() if value is not None)
     console.print(f"tissue_ratio alone predicts the label with AUROC {shown}")
     console.print(f"verdict: {audit.verdict.text}", highlight=False)
-    console.rule("4/5 train and evaluate: " + ", ".join(settings.methods))
+    console.rule("4/6 train and evaluate: " + ", ".join(settings.methods))
     rows = {}
     for method in settings.methods:
         run = train(
@@ -88,10 +90,26 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, overwrite: boo
     summary = out / "summary.json"
     summary.write_text(json.dumps(rows, indent=2))
     console.print(comparison_table(rows))
-    console.rule("5/5 report: audit, results, curves and errors in one page")
+    console.rule("5/6 report: audit, results, curves and errors in one page")
     report = write_report(out / "runs", out / "report.html", n_bootstrap=200, seed=settings.seed)
     console.print(f"report: {report.html} (Markdown twin: {report.markdown})", highlight=False)
+    console.rule("6/6 predict: a heat map of a held-out image")
+    held_out = held_out_image(data, patch_set)
+    method = settings.methods[-1]
+    options = PredictOptions(overwrite=overwrite)
+    result = predict(out / "runs" / method, [held_out], out / "heatmaps", options)[0]
+    console.print(
+        f"{method} on {held_out.name} (test split): {result.folder / 'overlay.png'}",
+        highlight=False,
+    )
     return summary
+
+
+def held_out_image(data: Path, patch_set: PatchSet) -> Path:
+    """The first test-split image: no run has seen its patches."""
+    table = patch_set.table
+    image_id = sorted(table.loc[table["split"] == "test", "image_id"].unique())[0]
+    return next((data / "images").glob(f"{image_id}.*"))
 
 
 def comparison_table(rows: dict[str, dict]) -> Table:
