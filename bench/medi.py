@@ -5,7 +5,7 @@
    group until each holds as many as the largest one (``--balance largest``); the
    original set plus those rows is ``synth+medi``.
 2. The sweep ``configs/medi.toml`` trains erm, gerne and resample on ``synth`` and on
-   ``synth+medi`` with the same budget (2 random trials chosen on validation worst-group
+   ``synth+medi`` with the same budget (the defaults, trial 0, chosen on validation worst-group
    accuracy, then 3 seeds), at tau 0.5.
 3. Rows for bench/results/medi.json: erm, erm+medi, gerne, gerne+medi, resample (plain
    resampling of the same groups, the honest baseline) and resample+medi, with test WGA
