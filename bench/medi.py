@@ -5,8 +5,8 @@
    group until each holds as many as the largest one (``--balance largest``); the
    original set plus those rows is ``synth+medi``.
 2. The sweep ``configs/medi.toml`` trains erm, gerne and resample on ``synth`` and on
-   ``synth+medi`` with the same budget (the defaults, trial 0, chosen on validation worst-group
-   accuracy, then 3 seeds), at tau 0.5.
+   ``synth+medi`` with the same budget (each method's defaults, checkpoint chosen on
+   validation worst-group accuracy, 3 seeds), at tau 0.5.
 3. Rows for bench/results/medi.json: erm, erm+medi, gerne, gerne+medi, resample (plain
    resampling of the same groups, the honest baseline) and resample+medi, with test WGA
    and BCA over seeds, and the generation's conditional accuracies (label, tissue bin)
