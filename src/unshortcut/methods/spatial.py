@@ -10,7 +10,7 @@ pixel decoder (``model_options``: ``build_model(..., decoder=True)``), and a row
 with ``p`` the pixel tumor probabilities, ``t`` the target map (``spatial-mask``: the
 patch's tumor fraction per input pixel, ``Batch.mask``; ``spatial-box``: the filled
 bounding box of its tumor pixels) and the patch score the aggregated map
-(``aggregation``: ``max`` by default, see docs/methods/spatial-mask.md for the
+(``aggregation``: ``topk`` by default, see docs/methods/spatial-mask.md for the
 evidence). Both map terms are per row, so the loss is a ``per_sample_loss`` and the
 spatial loss mixes into any method that weights or combines rows:
 ``spatial-mask+gerne`` steps GERNE's ``L_lb + beta (L_lb - L_b)`` on spatial row losses
@@ -35,7 +35,7 @@ from unshortcut.models.decoder import AGGREGATIONS
 from unshortcut.rows import Batch, GroupedSplit
 
 SPATIAL_HPARAMS: dict[str, HParam] = {
-    "aggregation": HParam("max", help="pixel map to patch score: max, topk or mean"),
+    "aggregation": HParam("topk", help="pixel map to patch score: max, topk or mean"),
     "top_k": HParam(0.05, help="share of pixels the topk aggregation averages"),
     "label_weight": HParam(
         1.0, 0.0, 2.0, help="weight of the patch label's cross-entropy on the aggregated score"
