@@ -27,16 +27,17 @@ from unshortcut.metrics import (
     per_attribute_metrics,
 )
 from unshortcut.rows import intersection_index
+from unshortcut.tiling.patchset import PatchSet, write_patch_set
 from unshortcut.train import LoopContext, train, training_data
 
 
 def write_site_patch_set(path: Path) -> Path:
     """The toy patch set plus a site column (A/B) that follows the label 70% of the time."""
-    write_toy_patch_set(path, n=240)
-    table = pd.read_parquet(path / "patches.parquet")
+    plain = PatchSet.open(write_toy_patch_set(path.with_name(f"{path.name}-plain"), n=240))
+    table = plain.table.copy()
     follows = np.random.default_rng(0).random(len(table)) < 0.7
     table["site"] = np.where(follows == (table["label"] == 1), "A", "B")
-    table.to_parquet(path / "patches.parquet", index=False)
+    write_patch_set(path, table, np.asarray(plain.pixels), np.asarray(plain.masks), {})
     return path
 
 
