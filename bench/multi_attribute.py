@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from common import format_hparams, format_pct, format_stat
 from robustness import (
     CARD_HEADING,
     DATA_CACHE,
@@ -318,22 +319,6 @@ def _auroc(row: dict[str, Any], column: str) -> float:
     return row["decodability"][column]["auroc"]["mean"]
 
 
-def _pct(stat: dict[str, Any] | None) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
-def _num(stat: dict[str, Any] | None) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-
-
-def _hparams(hp: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
-
-
 def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
     """The "## Several attributes (synth)" section of docs/benchmarks.md."""
     s = result["settings"]
@@ -374,11 +359,11 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
         seeds = r["seeds_finished"], r["seeds_run"]
         note = "" if seeds[0] == seeds[1] else f" ({seeds[0]}/{seeds[1]} seeds)"
         lines.append(
-            f"| {r['method']} | {_pct(r['worst_group_accuracy'])}{note} | "
-            f"{_pct(r['balanced_accuracy'])} | "
-            f"{_pct(per['tissue_ratio']['worst_group_accuracy'])} | "
-            f"{_pct(per['site']['worst_group_accuracy'])} | trial {r['trial']}: "
-            f"{_hparams(r['hparams'])} |"
+            f"| {r['method']} | {format_pct(r['worst_group_accuracy'])}{note} | "
+            f"{format_pct(r['balanced_accuracy'])} | "
+            f"{format_pct(per['tissue_ratio']['worst_group_accuracy'])} | "
+            f"{format_pct(per['site']['worst_group_accuracy'])} | trial {r['trial']}: "
+            f"{format_hparams(r['hparams'])} |"
         )
     lines += [
         "",
@@ -394,9 +379,11 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
     for r in result["rows"]:
         tissue, site = r["decodability"]["tissue_ratio"], r["decodability"]["site"]
         lines.append(
-            f"| {r['method']} | {_num(tissue.get('auroc'))} | "
-            f"{_num(tissue.get('auroc_within_class'))} | {_num(tissue.get('r2'))} | "
-            f"{_num(site.get('auroc'))} | {_num(site.get('auroc_within_class'))} |"
+            f"| {r['method']} | {format_stat(tissue.get('auroc'), digits=2)} | "
+            f"{format_stat(tissue.get('auroc_within_class'), digits=2)} | "
+            f"{format_stat(tissue.get('r2'), digits=2)} | "
+            f"{format_stat(site.get('auroc'), digits=2)} | "
+            f"{format_stat(site.get('auroc_within_class'), digits=2)} |"
         )
     f = result["floors"]
     if f:
@@ -443,9 +430,10 @@ def card_section(result: dict[str, Any]) -> str:
             r = by[name]
             decode = r["decodability"]
             lines.append(
-                f"| synth | {TAU:g} | {name} | {_pct(r['worst_group_accuracy'])} | "
-                f"{_pct(r['balanced_accuracy'])} | {_num(decode['tissue_ratio']['auroc'])} | "
-                f"{_num(decode['site']['auroc'])} |"
+                f"| synth | {TAU:g} | {name} | {format_pct(r['worst_group_accuracy'])} | "
+                f"{format_pct(r['balanced_accuracy'])} | "
+                f"{format_stat(decode['tissue_ratio']['auroc'], digits=2)} | "
+                f"{format_stat(decode['site']['auroc'], digits=2)} |"
             )
     return "\n".join(lines) + "\n"
 

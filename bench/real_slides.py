@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from skimage.measure import find_contours
 
+from common import format_pct
 from robustness import machine, mean_std
 from unshortcut.atomic import atomic_write_text
 from unshortcut.config import load_config
@@ -382,12 +383,6 @@ def counts(patches: Path) -> dict[str, dict[str, int]]:
     }  # fmt: skip
 
 
-def _pct(stat: dict[str, Any]) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
 def _training_minutes(rows: list[dict[str, Any]]) -> float:
     return sum(v for row in rows for v in row["train_seconds"]["values"] if v) / 60
 
@@ -400,7 +395,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        cells = " | ".join(_pct(row[key]) for key in METRICS)
+        cells = " | ".join(format_pct(row[key]) for key in METRICS)
         lines.append(f"| {row['setting']} | {cells} |")
     split_text = ", ".join(
         f"{s} {c[s]['patches']} ({c[s]['tumor']} tumor, {c[s]['images']} slides)" for s in c

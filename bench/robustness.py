@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import format_hparams, format_pct
 from trial_runner import (
     KNOWN,
     UNKNOWN,
@@ -274,27 +275,16 @@ def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1f} points"
 
 
-def _pct(stat: dict[str, Any]) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
 def _table_row(r: dict[str, Any], last: str) -> str:
     """A markdown row: method, tau, test BCA / WGA / robust AUROC (mean ± std), ``last``."""
     seeds = r["seeds_finished"], r["seeds_run"]
     note = "" if seeds[0] == seeds[1] else f" ({seeds[0]}/{seeds[1]} seeds)"
     auroc = r.get("robust_auroc")
     return (
-        f"| {r['method']} | {r['tau']:g} | {_pct(r['balanced_accuracy'])}{note} | "
-        f"{_pct(r['worst_group_accuracy'])} | {_pct(auroc) if auroc else 'n/a'} | {last} |"
+        f"| {r['method']} | {r['tau']:g} | {format_pct(r['balanced_accuracy'])}{note} | "
+        f"{format_pct(r['worst_group_accuracy'])} | "
+        f"{format_pct(auroc) if auroc else 'n/a'} | {last} |"
     )
-
-
-def _hparams(hp: dict[str, Any]) -> str:
-    if not hp:
-        return "(none)"
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
 
 
 def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> str:
@@ -334,7 +324,7 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
             "|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(_table_row(r, f"trial {r['trial']}: {_hparams(r['hparams'])}"))
+            lines.append(_table_row(r, f"trial {r['trial']}: {format_hparams(r['hparams'])}"))
         if protocol == UNKNOWN:
             known = dict.fromkeys(
                 r["method"] for r in result["rows"] if r["protocol"] == KNOWN.name
@@ -357,7 +347,7 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
         for r in result["checkpoint_selection"]:
             lines.append(
                 f"| {r['method']} | {r['tau']:g} | {r['selected_by']} | "
-                f"{_pct(r['balanced_accuracy'])} | {_pct(r['worst_group_accuracy'])} |"
+                f"{format_pct(r['balanced_accuracy'])} | {format_pct(r['worst_group_accuracy'])} |"
             )
         lines.append("")
     if result.get("ablation"):
@@ -369,7 +359,7 @@ def markdown(dataset: str, result: dict[str, Any], context: dict[str, str]) -> s
             "|---|---|---|---|---|---|",
         ]
         for r in result["ablation"]:
-            lines.append(_table_row(r, _hparams(r["hparams"])))
+            lines.append(_table_row(r, format_hparams(r["hparams"])))
         lines.append("")
     if result["floors"]:
         lines += [f"Floors: {result['floors']}", ""]
@@ -413,9 +403,9 @@ def card_section(method: str, tables: dict[str, dict[str, Any]]) -> str:
             found = True
             erm = known.get(("erm", tau))
             lines.append(
-                f"| {dataset} | {tau:g} | {_pct(row['balanced_accuracy'])} | "
-                f"{_pct(row['worst_group_accuracy'])} | "
-                f"{_pct(erm['worst_group_accuracy']) if erm else 'n/a'} |"
+                f"| {dataset} | {tau:g} | {format_pct(row['balanced_accuracy'])} | "
+                f"{format_pct(row['worst_group_accuracy'])} | "
+                f"{format_pct(erm['worst_group_accuracy']) if erm else 'n/a'} |"
             )
     if not found:
         return ""

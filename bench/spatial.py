@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from common import format_hparams, format_stat
 from robustness import (
     DATA_CACHE,
     KNOWN,
@@ -347,16 +348,6 @@ def adding_up(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _stat(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-
-
-def _hparams(hp: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
-
-
 def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
     s = result["settings"]
     lines = [
@@ -389,11 +380,12 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
         for r in (r for r in result["rows"] if r["dataset"] == dataset):
             seeds = "" if r["seeds_finished"] == r["seeds_run"] else " (some seeds diverged)"
             lines.append(
-                f"| {r['method']}{seeds} | {_stat(r['robust_auroc'])} | {_stat(r['auroc'])} | "
-                f"{_stat(r['worst_group_auroc'])} | "
-                f"{_stat(r['worst_group_accuracy'], 100, 1)} | "
-                f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} | "
-                f"{r['trial']}: {_hparams(r['hparams'])} |"
+                f"| {r['method']}{seeds} | {format_stat(r['robust_auroc'])} | "
+                f"{format_stat(r['auroc'])} | "
+                f"{format_stat(r['worst_group_auroc'])} | "
+                f"{format_stat(r['worst_group_accuracy'], 100, 1)} | "
+                f"{format_stat(r['balanced_accuracy'], 100, 1)} | {format_stat(r['dice'])} | "
+                f"{r['trial']}: {format_hparams(r['hparams'])} |"
             )
         for method, reason in entry["skipped"].items():
             lines.append(f"| {method} | not run: {reason} | | | | | | |")
@@ -409,8 +401,8 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
         for group, stats in r["dice_by_group"].items():
             if group.startswith("tumor") and stats["dice"]["mean"] is not None:
                 lines.append(
-                    f"| {r['dataset']} | {r['method']} | {group} | {_stat(stats['dice'])} | "
-                    f"{_stat(stats['mean_patch_dice'])} |"
+                    f"| {r['dataset']} | {r['method']} | {group} | {format_stat(stats['dice'])} | "
+                    f"{format_stat(stats['mean_patch_dice'])} |"
                 )
     lines += [
         "",
@@ -422,9 +414,9 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
     ]
     for r in result["aggregation"]:
         lines.append(
-            f"| {r['dataset']} | {r['aggregation']} | {_stat(r['robust_auroc'])} | "
-            f"{_stat(r['auroc'])} | {_stat(r['worst_group_accuracy'], 100, 1)} | "
-            f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} |"
+            f"| {r['dataset']} | {r['aggregation']} | {format_stat(r['robust_auroc'])} | "
+            f"{format_stat(r['auroc'])} | {format_stat(r['worst_group_accuracy'], 100, 1)} | "
+            f"{format_stat(r['balanced_accuracy'], 100, 1)} | {format_stat(r['dice'])} |"
         )
     lines.append("")
     if result["floors"]:
@@ -469,11 +461,11 @@ def card_section(method: str, result: dict[str, Any]) -> str:
     for r in rows:
         erm = _row(result["rows"], r["dataset"], "erm")
         lines.append(
-            f"| {r['dataset']} | {r['tau']:g} | {_stat(r['robust_auroc'])} | "
-            f"{_stat(r['worst_group_accuracy'], 100, 1)} | "
-            f"{_stat(r['balanced_accuracy'], 100, 1)} | {_stat(r['dice'])} | "
-            f"{_stat(erm['robust_auroc']) if erm else 'n/a'} | "
-            f"{_stat(erm['worst_group_accuracy'], 100, 1) if erm else 'n/a'} |"
+            f"| {r['dataset']} | {r['tau']:g} | {format_stat(r['robust_auroc'])} | "
+            f"{format_stat(r['worst_group_accuracy'], 100, 1)} | "
+            f"{format_stat(r['balanced_accuracy'], 100, 1)} | {format_stat(r['dice'])} | "
+            f"{format_stat(erm['robust_auroc']) if erm else 'n/a'} | "
+            f"{format_stat(erm['worst_group_accuracy'], 100, 1) if erm else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"
 
