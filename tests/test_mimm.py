@@ -14,6 +14,7 @@ from torch import nn
 
 from test_methods_fake import N_FEATURES, FakeContext
 from test_multi_attribute import write_site_patch_set
+from test_train import kill_after_epoch
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
 from unshortcut.methods import GroupedSplit, get_method
@@ -266,13 +267,7 @@ def test_a_killed_mimm_run_resumes_exactly(site_patches: Path, tmp_path: Path) -
     assert set(metrics["decodability"]) == {"tissue_ratio", "site"}
 
     resumed = config.model_copy(update={"out": tmp_path / "resumed"})
-
-    def crash(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-
-    with pytest.raises(KeyboardInterrupt):
-        train(resumed, progress=False, on_epoch_end=crash)
+    kill_after_epoch(resumed, 1)
     train(resumed, resume=True, progress=False)
     for name in ("metrics.json", "history.jsonl"):
         assert (resumed.out / name).read_text() == (whole / name).read_text()

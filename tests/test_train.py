@@ -52,6 +52,17 @@ def reference_run(patches: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train(_config(patches, tmp_path_factory.mktemp("ref") / "run"), progress=False)
 
 
+def kill_after_epoch(config: TrainConfig, epoch: int) -> None:
+    """Train ``config`` and stop it as Ctrl-C would once epoch ``epoch`` has ended."""
+
+    def crash(ended: int) -> None:
+        if ended == epoch:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, on_epoch_end=crash)
+
+
 def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
@@ -114,12 +125,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
 ) -> None:
     config = _config(patches, tmp_path / "run")
 
-    def crash(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, progress=False, on_epoch_end=crash)
+    kill_after_epoch(config, 1)
     assert not (config.out / "metrics.json").exists()
     assert len(_read(config.out / "history.jsonl").splitlines()) == 2
     with pytest.raises(UnshortcutError, match="already holds files"):
@@ -331,12 +337,8 @@ def test_every_registered_method_trains_and_resumes_exactly(
     config = _config(patches, tmp_path / "whole", method=name, epochs=2, bootstrap=0)
     whole = train(config, progress=False)
 
-    def crash(epoch: int) -> None:
-        raise KeyboardInterrupt("killed")
-
     resumed = config.model_copy(update={"out": tmp_path / "resumed"})
-    with pytest.raises(KeyboardInterrupt):
-        train(resumed, progress=False, on_epoch_end=crash)
+    kill_after_epoch(resumed, 0)
     train(resumed, resume=True, progress=False)
     assert _read(resumed.out / "metrics.json") == _read(whole / "metrics.json")
 
@@ -434,13 +436,7 @@ def test_a_method_with_its_own_optimizer_trains_logs_and_resumes_exactly(
     assert last["method"] == {"probe_steps": 3 * 5}  # 144 train rows / 32: 5 steps an epoch
 
     resumed = config.model_copy(update={"out": tmp_path / "resumed"})
-
-    def crash(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-
-    with pytest.raises(KeyboardInterrupt):
-        train(resumed, progress=False, on_epoch_end=crash)
+    kill_after_epoch(resumed, 1)
     train(resumed, resume=True, progress=False)
     for name in ("metrics.json", "history.jsonl"):
         assert _read(resumed.out / name) == _read(whole / name)
