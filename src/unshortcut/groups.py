@@ -169,15 +169,9 @@ class BinnedAttribute:
         """Bin of every row; values outside the fitted categories are refused."""
         values = _column(table, self.column, source)
         if self.categories:
-            text = values.astype(str).to_numpy()
-            index = pd.Index(self.categories).get_indexer(text)
-            if (index < 0).any():
-                unseen = ", ".join(sorted(set(text[index < 0]))[:5])
-                raise UnshortcutError(
-                    f"{source}: column '{self.column}' has value(s) {unseen} not seen in the "
-                    f"training split (known: {', '.join(self.categories)})"
-                )
-            return index.astype(np.int64)
+            return category_index(
+                values, self.categories, self.column, source, "not seen in the training split"
+            )
         if not _is_numeric(values):
             raise UnshortcutError(f"{source}: column '{self.column}' is not numeric")
         return np.searchsorted(np.asarray(self.edges), values.to_numpy(float), side="right")
@@ -203,6 +197,22 @@ def _format_numbers(values: Sequence[float]) -> list[str]:
         if len(set(names)) == len(names):
             return names
     return [repr(v) for v in values]
+
+
+def category_index(
+    values: pd.Series, categories: Sequence[str], column: str, source: str, unseen_means: str
+) -> np.ndarray:
+    """Index of each value (as text) in ``categories``; a value outside them is refused,
+    the message saying what that means (``unseen_means``: where they were fitted)."""
+    text = values.astype(str).to_numpy()
+    index = pd.Index(categories).get_indexer(text)
+    if (index < 0).any():
+        unseen = ", ".join(sorted(set(text[index < 0]))[:5])
+        raise UnshortcutError(
+            f"{source}: column '{column}' has value(s) {unseen} {unseen_means} "
+            f"(known: {', '.join(categories)})"
+        )
+    return index.astype(np.int64)
 
 
 def _column(table: pd.DataFrame, column: str, source: str) -> pd.Series:

@@ -25,6 +25,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from unshortcut.errors import UnshortcutError
+from unshortcut.groups import category_index
 from unshortcut.tiling.patchset import REQUIRED_COLUMNS
 
 LABEL = "label"
@@ -54,14 +55,8 @@ class Condition:
         if values.isna().any():
             raise UnshortcutError(f"{source}: column '{self.column}' has missing values")
         if self.categorical:
-            text = values.astype(str).to_numpy()
-            index = pd.Index(self.categories).get_indexer(text)
-            if (index < 0).any():
-                unseen = ", ".join(sorted(set(text[index < 0]))[:5])
-                raise UnshortcutError(
-                    f"{source}: column '{self.column}' has value(s) {unseen} the generator was "
-                    f"not trained on (known: {', '.join(self.categories)})"
-                )
+            unseen_means = "the generator was not trained on"
+            index = category_index(values, self.categories, self.column, source, unseen_means)
             return index.astype(np.float64)
         return (values.to_numpy(np.float64) - self.low) / (self.high - self.low)
 
