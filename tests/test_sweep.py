@@ -165,6 +165,7 @@ def test_cli_status_then_sweep_with_two_local_workers(sweep_file: Path, tmp_path
     status = runner.invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--status"])
     assert status.exit_code == 0, status.output
     assert "4 pending" in status.output and "waiting for the trials" in status.output
+    assert f"sweep toy: {out}" in status.output.replace("\n", "")  # named whole, not wrapped
     result = runner.invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--workers", "2"])
     assert result.exit_code == 0, result.output
     parallel = json.loads((out / "results.json").read_text())["rows"]

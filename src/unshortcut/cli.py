@@ -710,7 +710,8 @@ def sweep_command(
         )
         sweep = sweep.model_copy(update={"launcher": settings})
     if status:
-        table = Table(title=f"sweep {sweep.name}: {sweep.out}")
+        console.print(f"sweep {sweep.name}: {sweep.out}", highlight=False)
+        table = Table()  # the folder above it: a title wraps at the table's narrow width
         table.add_column("phase")
         table.add_column("runs", justify="right")
         for phase, counts in sweep_status(sweep).items():
