@@ -15,15 +15,24 @@ statistics network ``T(a, b)`` and the Donsker-Varadhan bound
 
     I(a; b) >= E_joint[T] - log E_marginal[e^T],
 
-joint pairs being the batch's rows, marginal ones the rows with ``b`` shuffled within
-the batch. The gradient of ``log E[e^T]`` divides by a mini-batch mean, which biases it;
+joint pairs being the batch's rows, marginal ones the rows with ``b`` shuffled among
+the rows *of the same class* (``marginal="class"``, the default), which estimates the
+conditional mutual information ``I(a; b | y)``. Why conditional: a shortcut is an
+attribute that correlates with the label, so a task part that predicts the label
+necessarily tells something about the attribute, and ``I(task; attribute)`` cannot fall
+to zero without giving up the label: the unconditional term fights the task loss. Given
+the label, the task part can hold nothing about the attribute, which is what a model
+free of the shortcut looks like and what the within-class decodability probe measures.
+``marginal="batch"`` shuffles over the whole batch (the original MIMM). The gradient
+of ``log E[e^T]`` divides by a mini-batch mean, which biases it;
 the moving average of ``E_marginal[e^T]`` replaces that denominator (the "moving-average
 gradient correction").
 
 Each step alternates, as MIMM does:
 
 1. the estimators, on *detached* features, ascend their bounds with their own optimizer
-   (``optimizers()["estimator"]``, Adam) and update their moving averages;
+   (``optimizers()["estimator"]``, Adam) and update their moving averages, for
+   ``estimator_steps`` steps (each on a fresh shuffle of the batch: a stronger critic);
 2. encoder and heads descend ``L_task + attribute_weight * sum L_attr + w * sum I``, the
    estimators frozen.
 
@@ -68,6 +77,12 @@ from unshortcut.rows import Batch, GroupedSplit
 
 PAIRS: tuple[str, ...] = ("all", "task")
 """Which pairs of parts get an estimator: every pair, or the task part with each attribute."""
+ESTIMATORS: tuple[str, ...] = ("mine", "gaussian")
+"""How each pair's mutual information is estimated: MINE's trained critic, or in closed
+form for a Gaussian with the rows' covariance (:func:`gaussian_mutual_information`)."""
+MARGINALS: tuple[str, ...] = ("class", "batch")
+"""Where the marginal pairs are shuffled: among the rows of one class (conditional MI
+given the label) or over the whole batch."""
 TASK = "task"
 _EPS = 1e-12
 _INIT_STREAM = 0x4D494D4D  # "MIMM": the seed word of the heads' and critics' initialisation
@@ -127,6 +142,52 @@ class MutualInformationEstimator(nn.Module):
         scale = self.running_exp.clamp_min(_EPS).log().to(log_mean.dtype)
         objective = joint.mean() - torch.exp(log_mean - scale)
         return objective, (joint.mean() - log_mean).detach()
+
+
+def gaussian_mutual_information(
+    a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None, shrinkage: float
+) -> torch.Tensor:
+    """``I(a; b)`` of the Gaussian with the rows' correlation: ``(log det R_aa + log det
+    R_bb - log det R) / 2``, conditional on ``groups`` when given (rows centred on their
+    group's mean, the covariance pooled: ``I(a; b | group)``).
+
+    Unlike MINE's critic, which the encoder can learn to fool on a batch of rows, this
+    estimate has no parameters: any linear dependence left between the parts shows in it
+    (for Gaussian parts it is the exact mutual information; otherwise the information
+    carried by their correlation). ``shrinkage`` pulls the correlation matrix toward the
+    identity, which keeps it invertible when a batch holds fewer rows than dimensions.
+    """
+    x = torch.cat([a, b], dim=1).double()
+    if groups is None:
+        x = x - x.mean(dim=0)
+        dof = len(x) - 1
+    else:
+        onehot = F.one_hot(groups, int(groups.max()) + 1).double()
+        counts = onehot.sum(dim=0).clamp_min(1.0)
+        x = x - onehot @ ((onehot.T @ x) / counts[:, None])
+        dof = len(x) - int((onehot.sum(dim=0) > 0).sum())
+    covariance = x.T @ x / max(dof, 1)
+    scale = covariance.diagonal().clamp_min(_EPS).rsqrt()
+    identity = torch.eye(len(covariance), dtype=x.dtype, device=x.device)
+    correlation = (1 - shrinkage) * scale[:, None] * covariance * scale[None, :]
+    correlation = correlation + shrinkage * identity
+
+    def log_det(matrix: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.linalg.cholesky(matrix).diagonal().log().sum()
+
+    k = a.shape[1]
+    joint = log_det(correlation)
+    return (0.5 * (log_det(correlation[:k, :k]) + log_det(correlation[k:, k:]) - joint)).to(a.dtype)
+
+
+def permute_within(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation ``p`` of the rows with ``labels[p[i]] == labels[i]``: each
+    class's rows shuffled among themselves (a class with one row keeps it in place)."""
+    order = torch.arange(len(labels))
+    for value in labels.unique(sorted=True):
+        rows = (labels == value).nonzero().flatten()
+        order[rows] = rows[torch.randperm(len(rows), generator=generator)]
+    return order
 
 
 def adaptive_weight(
@@ -192,8 +253,20 @@ class MIMM(Method):
         "estimator_lr": HParam(
             1e-3, 1e-4, 1e-2, log=True, help="Adam learning rate of the MINE estimators"
         ),
+        "estimator": HParam(
+            "mine", help="MI estimator: mine (a trained critic) or gaussian (closed form)"
+        ),
+        "shrinkage": HParam(
+            0.1, help="gaussian: the correlation matrix shrunk by this share toward identity"
+        ),
+        "estimator_steps": HParam(
+            1, help="estimator steps per training step (each on a fresh shuffle of the batch)"
+        ),
         "task_share": HParam(0.5, help="share of the features the task head reads"),
         "pairs": HParam("all", help="estimated pairs: all (every pair of parts) or task"),
+        "marginal": HParam(
+            "class", help="marginal pairs shuffled within each class (MI given the label) or batch"
+        ),
         "ema": HParam(0.99, help="decay of the moving average of E_marginal[e^T]"),
         "hidden": HParam(64, help="hidden units of each statistics network"),
     }
@@ -209,12 +282,24 @@ class MIMM(Method):
             raise UnshortcutError(
                 f"method {cls.name!r}: pairs={hp['pairs']!r} is not one of {PAIRS}"
             )
+        if hp["marginal"] not in MARGINALS:
+            raise UnshortcutError(
+                f"method {cls.name!r}: marginal={hp['marginal']!r} is not one of {MARGINALS}"
+            )
         if not 0.0 < float(hp["task_share"]) < 1.0:
             raise UnshortcutError(f"method {cls.name!r}: task_share must lie in (0, 1)")
         if float(hp["mi_ratio"]) < 0 or float(hp["attribute_weight"]) < 0:
             raise UnshortcutError(f"method {cls.name!r}: mi_ratio and attribute_weight are >= 0")
         if not 0.0 <= float(hp["ema"]) < 1.0 or int(hp["hidden"]) < 1:
             raise UnshortcutError(f"method {cls.name!r}: ema must lie in [0, 1), hidden >= 1")
+        if hp["estimator"] not in ESTIMATORS:
+            raise UnshortcutError(
+                f"method {cls.name!r}: estimator={hp['estimator']!r} is not one of {ESTIMATORS}"
+            )
+        if not 0.0 <= float(hp["shrinkage"]) < 1.0:
+            raise UnshortcutError(f"method {cls.name!r}: shrinkage must lie in [0, 1)")
+        if int(hp["estimator_steps"]) < 1:
+            raise UnshortcutError(f"method {cls.name!r}: estimator_steps must be >= 1")
 
     @classmethod
     def model_options(cls, hp: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +356,7 @@ class MIMM(Method):
                     self.sizes[i], self.sizes[j], int(self.hp["hidden"]), float(self.hp["ema"])
                 )
                 for i, j in self.pairs
+                if self.hp["estimator"] == "mine"
             ]
         self.networks["heads"] = nn.ModuleList(heads)
         self.networks["estimators"] = nn.ModuleList(estimators)
@@ -280,12 +366,12 @@ class MIMM(Method):
         """The run's optimizer over model and heads; Adam over the estimators."""
         self._build(model)
         model_params = [*model.parameters(), *self.networks["heads"].parameters()]
-        return {
-            "model": self.ctx.make_optimizer(model_params),
-            "estimator": torch.optim.Adam(
+        optimizers: Optimizers = {"model": self.ctx.make_optimizer(model_params)}
+        if self.hp["estimator"] == "mine":
+            optimizers["estimator"] = torch.optim.Adam(
                 self.networks["estimators"].parameters(), lr=float(self.hp["estimator_lr"])
-            ),
-        }
+            )
+        return optimizers
 
     def split(self, features: torch.Tensor) -> list[torch.Tensor]:
         """The task part, then one part per attribute (``(B, size)`` each)."""
@@ -319,13 +405,17 @@ class MIMM(Method):
             losses.append(distributed.global_mean(row_losses))
         return losses
 
-    def shuffle(self, n: int, device: torch.device) -> torch.Tensor:
-        """This step's permutation of the global batch (the marginal pairs)."""
+    def shuffle(self, labels: torch.Tensor) -> torch.Tensor:
+        """This step's marginal pairs: a permutation of the global batch that keeps each
+        row within its class (``marginal="class"``) or moves it anywhere."""
         seed = int(
             np.random.default_rng([self.ctx.seed, _SHUFFLE_STREAM, self.steps]).integers(2**62)
         )
         self.steps += 1
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+        generator = torch.Generator().manual_seed(seed)
+        if self.hp["marginal"] == "batch":
+            return torch.randperm(len(labels), generator=generator).to(labels.device)
+        return permute_within(labels.cpu(), generator).to(labels.device)
 
     def train_step(
         self, model: nn.Module, batch: Batch, optimizers: Optimizers
@@ -338,31 +428,24 @@ class MIMM(Method):
         parts = self.split(features)
         # MI is a statistic of the whole batch: its parts from every rank, in batch order.
         batch_parts = self.split(distributed.gather_batch(features))
-        # The marginal pairs of both steps: one permutation of the global batch.
-        shuffle = self.shuffle(len(batch_parts[0]), features.device)
-
-        estimator_objective, estimates = self.mutual_information(
-            [p.detach() for p in batch_parts], shuffle, update=True
-        )
-        optimizers["estimator"].zero_grad(set_to_none=True)
-        (-estimator_objective).backward()  # the same on every rank: no averaging needed
-        optimizers["estimator"].step()
-
+        labels = distributed.gather_batch(batch.y)
         task_loss = distributed.global_mean(F.cross_entropy(out.logits, batch.y, reduction="none"))
         attribute_losses = self.attribute_losses(parts, batch.index)
         supervised = (
             task_loss + float(self.hp["attribute_weight"]) * torch.stack(attribute_losses).sum()
         )
-        with frozen(self.networks["estimators"]):
-            mi, encoder_estimates = self.mutual_information(batch_parts, shuffle, update=False)
-            weight = adaptive_weight(task_loss, mi, features, float(self.hp["mi_ratio"]))
-            optimizers["model"].zero_grad(set_to_none=True)
-            (supervised + weight * mi).backward()
+        if self.hp["estimator"] == "mine":
+            mi, estimates = self.mine_term(batch_parts, labels, optimizers["estimator"])
+        else:
+            mi, estimates = self.gaussian_term(batch_parts, labels)
+        weight = adaptive_weight(task_loss, mi, features, float(self.hp["mi_ratio"]))
+        optimizers["model"].zero_grad(set_to_none=True)
+        (supervised + weight * mi).backward()
         distributed.average_unmanaged_gradients([optimizers["model"]])  # the heads
         optimizers["model"].step()
-        # The objective as a number: the MI term at its DV value (the corrected
+        # The objective as a number: the MI term at its estimate (MINE's corrected
         # objective only has the right gradient, not the right value).
-        objective = supervised.detach() + weight * torch.stack(encoder_estimates).sum()
+        objective = supervised.detach() + weight * torch.stack(estimates).sum()
         terms = {
             "loss": float(objective),
             "loss_task": float(task_loss.detach()),
@@ -376,6 +459,35 @@ class MIMM(Method):
             name: float(value) for name, value in zip(self.pair_names, estimates, strict=True)
         }
         return terms
+
+    def mine_term(
+        self, parts: list[torch.Tensor], labels: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """MINE: the critics step on the detached parts, then the MI term the encoder
+        descends (critics frozen) and each pair's DV estimate before the encoder's step."""
+        shuffle = self.shuffle(labels)  # the marginal pairs of the last critic step too
+        detached = [p.detach() for p in parts]
+        for step in range(int(self.hp["estimator_steps"])):
+            marginal = shuffle if step == 0 else self.shuffle(labels)
+            objective, estimates = self.mutual_information(detached, marginal, update=True)
+            optimizer.zero_grad(set_to_none=True)
+            (-objective).backward()  # the same on every rank: no averaging needed
+            optimizer.step()
+        with frozen(self.networks["estimators"]):  # the graph holds no critic gradients
+            mi, _ = self.mutual_information(parts, shuffle, update=False)
+        return mi, estimates
+
+    def gaussian_term(
+        self, parts: list[torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The closed-form MI of each pair (given the label with ``marginal="class"``)."""
+        groups = labels if self.hp["marginal"] == "class" else None
+        shrinkage = float(self.hp["shrinkage"])
+        values = [
+            gaussian_mutual_information(parts[i], parts[j], groups, shrinkage)
+            for i, j in self.pairs
+        ]
+        return torch.stack(values).sum(), [v.detach() for v in values]
 
     def state_dict(self) -> dict[str, Any]:
         """The step count (the permutation stream); estimators are extra modules."""
