@@ -15,7 +15,10 @@ Datasets:
 - ``synth``: the default synthetic benchmark (bench/robustness.py's patch set);
 - ``layouts``: synthetic textures painted on the CAMELYON17 layouts that hold tumor,
   at the image size chosen once (``--calibrate-layouts``, see LAYOUTS_SIZE);
-- ``camelyon16``, ``ocdc``, ``bcss``: the real sets in ../shared/data.
+- ``camelyon16``, ``ocdc``, ``bcss``: the real sets in ../shared/data. ocdc and bcss
+  hold no glass (tissue ratio 1 on every patch): they are controls grouped by class
+  alone (NO_GLASS); camelyon16's one thumbnail holds 6 tumor patches, too few to rank
+  methods, and the report says so (MIN_RANKED).
 
 On the synthetic sets the script also measures, on validation only, which aggregation
 of the pixel map suits the label (any tumor pixel): ``spatial-mask``'s default trial
@@ -32,16 +35,20 @@ methods' cards.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
 
 from common import format_hparams, format_stat
 from robustness import (
@@ -61,16 +68,17 @@ from robustness import (
     train_split,
 )
 from unshortcut.atomic import atomic_write_text
-from unshortcut.config import load_config
+from unshortcut.config import TrainConfig, load_config
 from unshortcut.errors import UnshortcutError
 from unshortcut.methods import get_method
+from unshortcut.rows import GroupedSplit
 from unshortcut.search import Trial, random_trials, select_best
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.synth.layouts import list_layouts, read_layout
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.tiling.patchset import PatchSet
-from unshortcut.train import train
+from unshortcut.train import train, training_data
 
 TAU = 0.5
 CRITERION = KNOWN.criterion
@@ -163,9 +171,43 @@ def tumor_share(patches: Path) -> float:
 # ----------------------------------------------------------------------------- runs
 
 
-def feasible(method: str, patches: Path) -> str | None:
-    """Why ``method`` cannot run on this patch set at tau (None when it can)."""
-    split = train_split(patches, TAU)
+NO_GLASS = ("none",)
+"""Groups of a set whose training patches all hold the same tissue ratio (no glass: ocdc,
+bcss): the classes alone. No tissue-size shortcut exists there, so these sets are the
+control (AUROC, BCA, Dice of label vs box vs mask supervision on real tissue); robust
+AUROC reduces to AUROC and WGA to the worst class's accuracy."""
+
+
+def group_attributes(patches: Path) -> tuple[str, ...]:
+    """``tissue_ratio`` at TAU, or the classes alone where the tissue ratio is constant."""
+    table = PatchSet.open(patches).table
+    tissue = table.loc[table["split"] == "train", "tissue_ratio"]
+    return NO_GLASS if tissue.nunique() == 1 else ("tissue_ratio",)
+
+
+def grouped_split(patches: Path, attributes: tuple[str, ...]) -> GroupedSplit:
+    """The training split with the dataset's groups (GERNE's beta draws need it)."""
+    if attributes != NO_GLASS:
+        return train_split(patches, TAU)
+    config = load_config(patches=patches, out=patches, attributes=list(attributes))
+    return training_data(config, torch.device("cpu"), splits=("train",)).splits["train"]
+
+
+@dataclass
+class GroupsRunner(Runner):
+    """Robustness's runner with the dataset's groups (the classes alone on a control)."""
+
+    attributes: tuple[str, ...] = ("tissue_ratio",)
+
+    def config(self, run: Path, tau: float, trial: Trial, seed: int, variant: str) -> TrainConfig:
+        config = super().config(run, tau, trial, seed, variant)
+        if self.attributes != NO_GLASS:
+            return config
+        return config.model_copy(update={"attributes": list(self.attributes), "taus": []})
+
+
+def feasible(method: str, split: GroupedSplit) -> str | None:
+    """Why ``method`` cannot run on this training split (None when it can)."""
     cls = get_method(method)
     try:
         cls.check_hparams({k: h.default for k, h in cls.hparams.items()}, split)
@@ -185,12 +227,49 @@ def val_scores(run: Path) -> dict[str, Any]:
     return metrics["by_criterion"][CRITERION]["val"]
 
 
+TUMOR_BANDS = (0.0, 0.05, 0.2, 1.0)
+"""Bands of a tumor patch's tumor pixel share, to see where the ranking fails: the label
+is "any tumor pixel", so a patch with a sliver of tumor at its border (a few pixels at
+32 px input) is a tumor patch however little the map can see of it."""
+
+
+def robust_auroc_by_tumor_share(run: Path, patches: Path) -> dict[str, dict[str, Any]]:
+    """Test AUROC on the robust bins' rows with the tumor rows cut into TUMOR_BANDS (every
+    non-tumor row of the robust bins kept in each): which tumor patches rank low.
+    Plain AUROC (not weighted per image); the band's tumor row count beside it."""
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    names = config["groups"]["attribute_names"]
+    predictions = pd.read_parquet(run / "predictions" / "test.parquet")
+    share = PatchSet.open(patches).table.set_index("patch_id")["tumor_fraction"]
+    fraction = predictions["patch_id"].map(share).to_numpy(float)
+    bins = predictions["attribute"].map({name: i for i, name in enumerate(names)})
+    labels = predictions["label"].to_numpy()
+    robust = np.zeros(len(predictions), dtype=bool)
+    for label, chosen in enumerate(config["robust_bins_by_class"]):
+        robust |= (labels == label) & bins.isin(chosen).to_numpy()
+    bands = {}
+    for lo, hi in itertools.pairwise(TUMOR_BANDS):
+        tumor = robust & (labels == 1) & (fraction >= lo) & ((fraction < hi) | (hi == 1.0))
+        rows = tumor | (robust & (labels == 0))
+        auroc = None
+        if tumor.any() and (rows & ~tumor).any():
+            auroc = float(roc_auc_score(labels[rows], predictions["score"].to_numpy()[rows]))
+        bands[f"{lo:g}-{hi:g}"] = {"auroc": auroc, "tumor_patches": int(tumor.sum())}
+    return bands
+
+
 def summarize(
-    dataset: str, trial: Trial, runs: list[Path], read: Any = test_scores
+    dataset: str,
+    trial: Trial,
+    runs: list[Path],
+    read: Any = test_scores,
+    patches: Path | None = None,
 ) -> dict[str, Any]:
     """One row: every metric over the seed runs, Dice overall and per group."""
     done = finished(runs)
     scores = [read(run) for run in done]
+    grouped = read is test_scores and patches is not None
+    by_share = [robust_auroc_by_tumor_share(run, patches) for run in done] if grouped else []
     segmentation = [s.get("segmentation") or {} for s in scores]
     groups = sorted({g for s in segmentation for g in s.get("groups", {})})
     return {
@@ -204,6 +283,13 @@ def summarize(
         "runs": [str(run) for run in runs],
         **{key: mean_std([s.get(key) for s in scores]) for key in METRICS},
         **{key: mean_std([s.get(key) for s in segmentation]) for key in SEGMENTATION},
+        "robust_auroc_by_tumor_share": {
+            band: {
+                "auroc": mean_std([b[band]["auroc"] for b in by_share]),
+                "tumor_patches": by_share[0][band]["tumor_patches"],
+            }
+            for band in (by_share[0] if by_share else {})
+        },
         "dice_by_group": {
             g: {
                 key: mean_std([s["groups"][g].get(key) for s in segmentation if "groups" in s])
@@ -218,16 +304,19 @@ def run_dataset(
     dataset: str, patches: Path, settings: Settings, work: Path, log: Any = print
 ) -> dict[str, Any]:
     """Every run of one dataset (reusing finished ones), then its rows."""
-    split = train_split(patches, TAU)
+    attributes = group_attributes(patches)
+    split = grouped_split(patches, attributes)
     methods = [*METHODS, *(COMPONENTS if dataset in SYNTHETIC else ())]
-    skipped = {m: reason for m in methods if (reason := feasible(m, patches)) is not None}
+    skipped = {m: reason for m in methods if (reason := feasible(m, split)) is not None}
     methods = [m for m in methods if m not in skipped]
     for method, reason in skipped.items():
         log(f"{dataset}: {method} skipped: {reason}")
     aggregate = dataset in SYNTHETIC and "spatial-mask" in methods
     expected = len(methods) * (settings.trials + settings.seeds - 1)
     expected += (len(AGGREGATIONS) - 1) * settings.seeds if aggregate else 0
-    runner = Runner(patches, work / dataset, settings, expected=expected, log=log)
+    runner = GroupsRunner(
+        patches, work / dataset, settings, expected=expected, log=log, attributes=attributes
+    )
     trials = {m: random_trials(m, settings.trials, train=split) for m in methods}
     folders = {m: [runner.run(TAU, t, seed=0) for t in trials[m]] for m in methods}
     best = select_best(finished([f for m in methods for f in folders[m]]))[KNOWN.name]
@@ -250,10 +339,12 @@ def run_dataset(
                 summarize(dataset, trial, runs, read=val_scores) | {"aggregation": name}
             )
     # Every choice is made: only now are test values read.
-    rows = [summarize(dataset, trial, runs) for trial, runs in chosen]
+    tissue = patches if attributes != NO_GLASS else None
+    rows = [summarize(dataset, trial, runs, patches=tissue) for trial, runs in chosen]
     trained = [i["seconds"] for i in runner.runs.values() if i["seconds"] is not None]
     return {
         "patches": str(patches),
+        "attributes": list(attributes),
         "counts": split_counts(patches),
         "tumor_share": tumor_share(patches),
         "skipped": skipped,
@@ -348,6 +439,22 @@ def adding_up(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+MIN_RANKED = 20
+"""Fewer tumor patches than this in validation or test and a set cannot rank methods (one
+patch moves a class accuracy by over 5 points)."""
+
+
+def _bands(rows: list[dict[str, Any]]) -> list[str]:
+    return next(
+        (
+            list(r["robust_auroc_by_tumor_share"])
+            for r in rows
+            if r.get("robust_auroc_by_tumor_share")
+        ),
+        [],
+    )
+
+
 def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
     s = result["settings"]
     lines = [
@@ -371,7 +478,21 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
         lines += [
             f"**{dataset}** ({entry['built']}; tumor / all patches: "
             + ", ".join(f"{k} {c['tumor']} / {c['patches']}" for k, c in counts.items())
-            + ")",
+            + (
+                "; groups: the classes alone, tissue ratio 1 on every training patch (no "
+                "glass, no tissue shortcut: a control), so robust AUROC = AUROC and WGA = "
+                "the worst class's accuracy"
+                if entry["attributes"] == list(NO_GLASS)
+                else ""
+            )
+            + ")"
+            + (
+                f". **Too few tumor patches to rank methods** (fewer than {MIN_RANKED} in "
+                "validation or test): the rows show the pipeline runs on it, not which "
+                "method is better"
+                if min(counts["val"]["tumor"], counts["test"]["tumor"]) < MIN_RANKED
+                else ""
+            ),
             "",
             "| method | robust AUROC | AUROC | worst-group AUROC | WGA % | BCA % | Dice "
             "| selected trial |",
@@ -404,6 +525,27 @@ def markdown(result: dict[str, Any], context: dict[str, str]) -> str:
                     f"| {r['dataset']} | {r['method']} | {group} | {format_stat(stats['dice'])} | "
                     f"{format_stat(stats['mean_patch_dice'])} |"
                 )
+    lines += [
+        "",
+        "Where the ranking fails: robust AUROC's tumor rows (the small-tissue bin) cut by "
+        "their tumor pixel share, each band against every non-tumor row of the robust bins "
+        "(test, plain AUROC, mean ± std over seeds; tumor patches per band in brackets):",
+        "",
+        "| data | method | "
+        + " | ".join(f"tumor share {band}" for band in _bands(result["rows"]))
+        + " |",
+        "|---|---|" + "---|" * len(_bands(result["rows"])),
+    ]
+    for r in result["rows"]:
+        bands = r["robust_auroc_by_tumor_share"]
+        if bands:
+            lines.append(
+                f"| {r['dataset']} | {r['method']} | "
+                + " | ".join(
+                    f"{format_stat(b['auroc'])} ({b['tumor_patches']})" for b in bands.values()
+                )
+                + " |"
+            )
     lines += [
         "",
         "Aggregation of the pixel map into the patch score (`spatial-mask`, default trial, "

@@ -9,9 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from test_data import write_toy_patch_set
+from unshortcut.tiling.patchset import PatchSet, write_patch_set
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -89,9 +93,46 @@ def test_experiment_on_a_toy_set_writes_rows_aggregations_and_card_sections(
         "adding_up": spatial.adding_up(rows),
         "datasets": {"synth": {"built": "toy", **entry}},
     }
+    # Every toy tumor patch holds a quarter of tumor: all fall in the top band, whose
+    # AUROC is then the plain AUROC of the robust bins' rows.
+    bands = spatial.robust_auroc_by_tumor_share(Path(by_method["erm"]["runs"][0]), patches)
+    assert list(bands) == ["0-0.05", "0.05-0.2", "0.2-1"]
+    assert bands["0-0.05"] == bands["0.05-0.2"] == {"auroc": None, "tumor_patches": 0}
+    run = Path(by_method["erm"]["runs"][0])
+    predictions = pd.read_parquet(run / "predictions" / "test.parquet")
+    robust = ((predictions["label"] == 1) & (predictions["attribute"] == "tissue_ratio<0.5")) | (
+        (predictions["label"] == 0) & (predictions["attribute"] == "tissue_ratio>=0.5")
+    )
+    assert bands["0.2-1"]["tumor_patches"] == int((robust & (predictions["label"] == 1)).sum())
+    assert bands["0.2-1"]["auroc"] == pytest.approx(
+        roc_auc_score(predictions["label"][robust], predictions["score"][robust])
+    )
+    assert by_method["erm"]["robust_auroc_by_tumor_share"]["0.2-1"]["auroc"]["mean"] == (
+        pytest.approx(bands["0.2-1"]["auroc"])
+    )
     context = {"command": "c", "date": "d", "machine": "m", "wall": "0:00:01"}
     text = spatial.markdown(result, context)
     assert text.startswith("## Spatial supervision\n") and "| spatial-mask+gerne |" in text
     card = spatial.card_section("spatial-mask", result)
     # What tests/test_methods_baselines.py asks of every card's benchmark section.
     assert re.search(r"## What our benchmark shows\n(.*\n)*\| synth \| 0\.5 \| \d", card)
+
+
+def test_a_set_without_glass_is_grouped_by_class(tmp_path: Path) -> None:
+    patches = write_toy_patch_set(tmp_path / "patches", n=80)
+    assert spatial.group_attributes(patches) == ("tissue_ratio",)
+    toy = PatchSet.open(patches)
+    table = toy.table.assign(tissue_ratio=1.0)  # every patch full of tissue, as ocdc and bcss
+    patches = tmp_path / "no-glass"
+    write_patch_set(patches, table, np.asarray(toy.pixels), np.asarray(toy.masks), {})
+    assert spatial.group_attributes(patches) == spatial.NO_GLASS
+    split = spatial.grouped_split(patches, spatial.NO_GLASS)
+    assert split.bin_counts == () and split.n_classes == 2
+    settings = replace(spatial.Settings(), trials=1, seeds=1, epochs=1)
+    runner = spatial.GroupsRunner(
+        patches, tmp_path / "work", settings, expected=1, attributes=spatial.NO_GLASS
+    )
+    trial = spatial.random_trials("erm", 1)[0]
+    config = runner.config(tmp_path / "run", spatial.TAU, trial, 0, "")
+    assert config.attributes == ["none"] and config.taus == []
+    assert spatial.feasible("erm", split) is None

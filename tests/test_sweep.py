@@ -14,7 +14,7 @@ from test_data import write_toy_patch_set
 from unshortcut.cli import app
 from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
-from unshortcut.runs import verify_run
+from unshortcut.runs import config_differences, verify_run
 from unshortcut.search import read_run
 from unshortcut.sweep import load_sweep, run_sweep, sweep_status, write_results
 from unshortcut.sweep.plan import summary_stat
@@ -197,6 +197,16 @@ def test_ray_launcher_on_a_local_instance_gives_the_same_results(
     assert [r["worst_group_accuracy"] for r in rows] == [
         r["worst_group_accuracy"] for r in expected
     ]
+
+
+def test_a_saved_config_without_a_newer_field_counts_as_its_default(tmp_path: Path) -> None:
+    config = TrainConfig(patches=tmp_path / "p", out=tmp_path / "run", taus=[0.5])
+    saved = config.to_json_dict()
+    del saved["method_attributes"]  # written before TrainConfig had the field
+    assert config_differences(saved, config) == []
+    grouped = config.model_copy(update={"method_attributes": ["site"]})
+    assert config_differences(saved, grouped) == ["method_attributes"]
+    assert config_differences(saved | {"epochs": 3}, config) == ["epochs"]
 
 
 @pytest.mark.slow

@@ -205,14 +205,22 @@ def config_differences(
     Fields that change only where and how fast a run goes (RESUME_FREE_FIELDS) are
     ignored, and with ``extendable`` those a resumed run may raise (more epochs); saved
     hyperparameters are resolved (defaults filled in), so only the ones ``config``
-    gives are compared.
+    gives are compared; a field the saved config lacks counts as its default.
     """
     free = RESUME_FREE_FIELDS | (RESUME_EXTENDABLE_FIELDS if extendable else frozenset())
+    saved = with_newer_fields(saved, config)
     current = config.to_json_dict()
     differ = [k for k, v in current.items() if k not in free | {"hp"} and saved.get(k) != v]
     saved_hp = saved.get("hp") if isinstance(saved.get("hp"), dict) else {}
     differ += [f"hp.{k}" for k, v in config.hp.items() if saved_hp.get(k) != v]
     return sorted(differ)
+
+
+def with_newer_fields(saved: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """``saved`` with the default of every TrainConfig field it lacks: a run written
+    before a field existed was trained as its default says (the field came with it)."""
+    defaults = TrainConfig(patches=config.patches, out=config.out).to_json_dict()
+    return {k: v for k, v in defaults.items() if k not in saved} | saved
 
 
 def partial_run(out: Path) -> Path:

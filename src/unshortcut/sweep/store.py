@@ -33,6 +33,7 @@ from unshortcut.runs import (
     config_differences,
     partial_run,
     read_json,
+    with_newer_fields,
     write_checksums,
     write_json,
 )
@@ -106,16 +107,10 @@ def adoption_differences(saved: dict[str, Any], config: TrainConfig) -> list[str
     TrainConfig after the run) that ``config`` leaves at its default, and a ``patches``
     folder elsewhere that holds the same files byte for byte.
     """
-    differ = config_differences(_with_newer_fields(saved, config), config)
+    differ = config_differences(saved, config)
     if "patches" in differ and same_patch_set(Path(saved["patches"]), config.patches):
         differ.remove("patches")
     return differ
-
-
-def _with_newer_fields(saved: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """``saved`` with the default of every TrainConfig field it lacks."""
-    defaults = TrainConfig(patches=config.patches, out=config.out).to_json_dict()
-    return {k: v for k, v in defaults.items() if k not in saved} | saved
 
 
 def same_patch_set(a: Path, b: Path) -> bool:
@@ -155,7 +150,7 @@ def adopt_run(source: Path, config: TrainConfig) -> bool:
         ):
             return False
         raise UnshortcutError(f"{target}: already holds another run; delete it to adopt {source}")
-    adopted = _with_newer_fields(saved, config) | {
+    adopted = with_newer_fields(saved, config) | {
         "out": str(target),
         "patches": str(config.patches),
     }
