@@ -48,11 +48,14 @@ def _row(method: str, wga: float, tissue: float, site: float) -> dict:
 def test_variants_and_folders() -> None:
     assert bench.VARIANT_NAMES == (
         "erm", "gerne:tissue_ratio", "gerne:tissue_ratio:q4", "gerne:site",
-        "gerne:intersection", "groupdro:intersection", "mimm",
+        "gerne:intersection", "groupdro:intersection", "mimm", "mimm:gaussian",
+        "mimm:gaussian:x2", "mimm:gaussian:x5",
     )  # fmt: skip
     folders = {v.label: v.folder for v in bench.VARIANTS}
     assert folders["gerne:tissue_ratio:q4"] == "tissue_ratio-q4"
     assert folders["erm"] == "" and folders["mimm"] == ""
+    assert folders["mimm:gaussian"] == "gaussian" and folders["mimm:gaussian:x5"] == "gaussian-x5"
+    assert bench.MIMMS == ("mimm", "mimm:gaussian", "mimm:gaussian:x2", "mimm:gaussian:x5")
     assert len({(v.method, v.folder) for v in bench.VARIANTS}) == len(bench.VARIANTS)
     # A folder name stands for one set of method attributes, whatever the method.
     attributes = {v.folder: v.method_attributes for v in bench.VARIANTS}
@@ -72,6 +75,11 @@ def test_floors() -> None:
     assert floors["mimm_wga_gain_points"] == pytest.approx(6.0)
     assert floors["mimm_closer_to_chance"] == {"tissue_ratio": True, "site": True}
     assert floors["met"]
+    # Another mimm variant is reported beside it; the verdict stays the default's.
+    floors = bench.floors([*rows, _row("mimm:gaussian", 0.41, 0.95, 0.60)])
+    assert floors["mimm:gaussian_wga_gain_points"] == pytest.approx(1.0)
+    assert floors["mimm:gaussian_closer_to_chance"] == {"tissue_ratio": False, "site": True}
+    assert floors["met"]
     rows[-1] = _row("mimm", 0.46, 0.70, 0.15)  # |0.15 - 0.5| > |0.8 - 0.5|
     assert not bench.floors(rows)["met"]
     assert bench.floors(rows[1:]) is None
@@ -83,7 +91,8 @@ def test_a_tiny_experiment_scores_every_variant_on_the_intersections(
 ) -> None:
     patches = write_site_patch_set(tmp_path / "patches")
     settings = bench.Settings(trials=1, seeds=1, epochs=1, batch_size=32, bootstrap=0, threads=1)
-    variants = tuple(v for v in bench.VARIANTS if v.label in ("erm", "gerne:site", "mimm"))
+    labels = ("erm", "gerne:site", "mimm", "mimm:gaussian")
+    variants = tuple(v for v in bench.VARIANTS if v.label in labels)
     lines: list[str] = []
     # Calibration: ERM alone, validation only, on each candidate until the rule holds.
     monkeypatch.setattr(bench, "build_patches", lambda correlation, shift: patches)
@@ -103,7 +112,10 @@ def test_a_tiny_experiment_scores_every_variant_on_the_intersections(
         "site_label_correlation": 0.8, "site_shift": 0.15, "calibration": table,
         "shortcut_gap": bench.SHORTCUT_GAP,
     }  # fmt: skip
-    assert [r["method"] for r in result["rows"]] == ["erm", "gerne:site", "mimm"]
+    assert [r["method"] for r in result["rows"]] == list(labels)
+    gaussian = tmp_path / "work" / "tau0.5" / "mimm@gaussian" / "trial0-seed0"
+    assert json.loads((gaussian / "config.json").read_text())["hp"]["estimator"] == "gaussian"
+    assert result["rows"][3]["hparams"]["estimator"] == "gaussian"
     gerne = tmp_path / "work" / "tau0.5" / "gerne@site" / "trial0-seed0"
     config = json.loads((gerne / "config.json").read_text())
     assert config["attributes"] == ["tissue_ratio", "site"]
@@ -123,4 +135,4 @@ def test_a_tiny_experiment_scores_every_variant_on_the_intersections(
     section = bench.markdown(result, {"command": "c", "date": "d", "machine": "m", "wall": "w"})
     assert section.startswith("## Several attributes (synth)\n")
     assert section.count("| mimm |") == 2  # the accuracy and the decodability table
-    assert bench.card_section(result).count("| synth | 0.5 |") == 3
+    assert bench.card_section(result).count("| synth | 0.5 |") == 4

@@ -72,9 +72,17 @@ def test_single_process_helpers_are_identities() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", method_names())
-def test_two_ranks_equal_one_process(method: str, patches: Path, tmp_path: Path) -> None:
-    single = TrainConfig(patches=patches, out=tmp_path / "single", method=method, **SETTINGS)
+@pytest.mark.parametrize(
+    ("method", "hp"),
+    [
+        *((name, {}) for name in method_names()),
+        pytest.param("mimm", {"estimator": "gaussian"}, id="mimm-gaussian"),
+    ],
+)
+def test_two_ranks_equal_one_process(
+    method: str, hp: dict[str, str], patches: Path, tmp_path: Path
+) -> None:
+    single = TrainConfig(patches=patches, out=tmp_path / "single", method=method, hp=hp, **SETTINGS)
     train(single, progress=False)
     ranked = single.model_copy(update={"out": tmp_path / "ddp"})
     result = torchrun(ranked)
