@@ -47,8 +47,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from common import format_hparams, format_pct, format_stat
 from robustness import (
     CARD_HEADING,
@@ -63,9 +61,10 @@ from robustness import (
     mean_std,
     replace_section,
     split_counts,
+    train_data,
 )
 from unshortcut.atomic import atomic_write_text
-from unshortcut.config import TrainConfig, load_config
+from unshortcut.config import TrainConfig
 from unshortcut.errors import UnshortcutError
 from unshortcut.inference import method_splits
 from unshortcut.rows import GroupedSplit
@@ -73,7 +72,6 @@ from unshortcut.search import Trial, random_trials, select_best
 from unshortcut.synth.config import RECOMMENDED_PATCHIFY, SynthConfig
 from unshortcut.synth.generate import generate_dataset
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
-from unshortcut.train import training_data
 
 ATTRIBUTES = ("tissue_ratio", "site")
 """The run's groups: label x tissue ratio (binarised at TAU) x site."""
@@ -151,8 +149,7 @@ def build_patches(correlation: float, shift: float, cache: Path = DATA_CACHE) ->
 
 def method_train_split(patches: Path, variant: Variant) -> GroupedSplit:
     """The training split as the variant's method sees it (GERNE's beta range depends on it)."""
-    config = load_config(patches=patches, out=patches, attributes=list(ATTRIBUTES), taus=[TAU])
-    data = training_data(config, torch.device("cpu"), splits=("train",))
+    data = train_data(patches, list(ATTRIBUTES), [TAU])
     if not variant.method_attributes:
         return data.splits["train"]
     return method_splits(data, variant.method_attributes, [TAU])["train"]

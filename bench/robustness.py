@@ -59,7 +59,7 @@ from trial_runner import (
 from unshortcut.atomic import atomic_write_text
 from unshortcut.config import TrainConfig, load_config
 from unshortcut.errors import UnshortcutError
-from unshortcut.inference import resolve_device
+from unshortcut.inference import RunData, resolve_device
 from unshortcut.methods import GroupedSplit
 from unshortcut.sweep import (
     SweepConfig,
@@ -149,10 +149,16 @@ def _shared(name: str) -> Path:
     return path
 
 
+def train_data(patches: Path, attributes: list[str], taus: list[float]) -> RunData:
+    """The patch set's training split prepared as a run with these groups would see it
+    (nothing is written): for the feasibility checks and draws that depend on the groups."""
+    config = load_config(patches=patches, out=patches, attributes=attributes, taus=taus)
+    return training_data(config, torch.device("cpu"), splits=("train",))
+
+
 def train_split(patches: Path, tau: float) -> GroupedSplit:
     """The training split grouped at ``tau`` (GERNE's beta draws must respect its beta_max)."""
-    config = load_config(patches=patches, out=patches, taus=[tau])  # nothing is written
-    return training_data(config, torch.device("cpu"), splits=("train",)).splits["train"]
+    return train_data(patches, ["tissue_ratio"], [tau]).splits["train"]
 
 
 def split_counts(patches: Path) -> dict[str, dict[str, int]]:

@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score
 
 from common import format_hparams, format_stat
@@ -65,7 +64,7 @@ from robustness import (
     replace_section,
     run_record,
     split_counts,
-    train_split,
+    train_data,
 )
 from unshortcut.atomic import atomic_write_text
 from unshortcut.config import TrainConfig, load_config
@@ -78,7 +77,7 @@ from unshortcut.synth.generate import generate_dataset
 from unshortcut.synth.layouts import list_layouts, read_layout
 from unshortcut.tiling.patchify import PatchifyConfig, patchify
 from unshortcut.tiling.patchset import PatchSet
-from unshortcut.train import train, training_data
+from unshortcut.train import train
 
 TAU = 0.5
 CRITERION = KNOWN.criterion
@@ -185,12 +184,14 @@ def group_attributes(patches: Path) -> tuple[str, ...]:
     return NO_GLASS if tissue.nunique() == 1 else ("tissue_ratio",)
 
 
+def group_taus(attributes: tuple[str, ...]) -> list[float]:
+    """TAU for the tissue ratio; none for the classes alone (``none`` has no thresholds)."""
+    return [] if attributes == NO_GLASS else [TAU]
+
+
 def grouped_split(patches: Path, attributes: tuple[str, ...]) -> GroupedSplit:
     """The training split with the dataset's groups (GERNE's beta draws need it)."""
-    if attributes != NO_GLASS:
-        return train_split(patches, TAU)
-    config = load_config(patches=patches, out=patches, attributes=list(attributes))
-    return training_data(config, torch.device("cpu"), splits=("train",)).splits["train"]
+    return train_data(patches, list(attributes), group_taus(attributes)).splits["train"]
 
 
 @dataclass
@@ -203,7 +204,8 @@ class GroupsRunner(Runner):
         config = super().config(run, tau, trial, seed, variant)
         if self.attributes != NO_GLASS:
             return config
-        return config.model_copy(update={"attributes": list(self.attributes), "taus": []})
+        taus = group_taus(self.attributes)
+        return config.model_copy(update={"attributes": list(self.attributes), "taus": taus})
 
 
 def feasible(method: str, split: GroupedSplit) -> str | None:

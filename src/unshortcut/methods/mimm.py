@@ -163,9 +163,9 @@ def gaussian_mutual_information(
         dof = len(x) - 1
     else:
         onehot = F.one_hot(groups, int(groups.max()) + 1).double()
-        counts = onehot.sum(dim=0).clamp_min(1.0)
-        x = x - onehot @ ((onehot.T @ x) / counts[:, None])
-        dof = len(x) - int((onehot.sum(dim=0) > 0).sum())
+        counts = onehot.sum(dim=0)
+        x = x - onehot @ ((onehot.T @ x) / counts.clamp_min(1.0)[:, None])
+        dof = len(x) - int((counts > 0).sum())
     covariance = x.T @ x / max(dof, 1)
     scale = covariance.diagonal().clamp_min(_EPS).rsqrt()
     identity = torch.eye(len(covariance), dtype=x.dtype, device=x.device)
